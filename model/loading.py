@@ -1,0 +1,244 @@
+"""Checkpoint loading and saving: Hugging Face layout, safetensors only, strict.
+
+One table (`CHECKPOINT_KEYS`) maps checkpoint keys to ours; `{}` is the layer number, `None`
+drops a key. Keys are looked up after removing the body prefix (`roberta.` or `bert.`, or none:
+sentence-transformers saves a bare `BertModel`).
+
+Strictness: a checkpoint key that maps to nothing, a parameter the model needs that the checkpoint
+lacks, and a tensor of the wrong shape all raise one `CheckpointError` listing every such key.
+Dropped without error, and why:
+- `embeddings.position_ids`, `embeddings.token_type_ids`: constant buffers old transformers saved;
+  we compute both on the fly.
+- weights of a part the loaded class does not have: a pooler, `lm_head.*`, `classifier.*` or
+  BERT's `cls.*` head. Loading the base model from a masked-LM checkpoint is the normal way to embed.
+- `lm_head.decoder.weight` when the config ties it to the word embeddings (the embedding is used).
+
+The model is built on the `meta` device and the loaded tensors are assigned to it, so peak memory
+stays near one copy of the weights. `pytorch_model.bin` is refused: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import RobertaConfig
+
+# checkpoint module path (after the body prefix) -> ours; parameter suffixes (.weight/.bias) carry over.
+CHECKPOINT_KEYS = {
+    "embeddings.word_embeddings": "embeddings.word",
+    "embeddings.position_embeddings": "embeddings.position",
+    "embeddings.token_type_embeddings": "embeddings.token_type",
+    "embeddings.LayerNorm": "embeddings.norm",
+    "embeddings.position_ids": None,
+    "embeddings.token_type_ids": None,
+    "encoder.layer.{}.attention.self.query": "layers.{}.attention.query",
+    "encoder.layer.{}.attention.self.key": "layers.{}.attention.key",
+    "encoder.layer.{}.attention.self.value": "layers.{}.attention.value",
+    "encoder.layer.{}.attention.output.dense": "layers.{}.attention.out",
+    "encoder.layer.{}.attention.output.LayerNorm": "layers.{}.attention.norm",
+    "encoder.layer.{}.crossattention.self.query": "layers.{}.crossattention.query",
+    "encoder.layer.{}.crossattention.self.key": "layers.{}.crossattention.key",
+    "encoder.layer.{}.crossattention.self.value": "layers.{}.crossattention.value",
+    "encoder.layer.{}.crossattention.output.dense": "layers.{}.crossattention.out",
+    "encoder.layer.{}.crossattention.output.LayerNorm": "layers.{}.crossattention.norm",
+    "encoder.layer.{}.intermediate.dense": "layers.{}.mlp_up",
+    "encoder.layer.{}.output.dense": "layers.{}.mlp_down",
+    "encoder.layer.{}.output.LayerNorm": "layers.{}.mlp_norm",
+    "pooler.dense": "pooler",
+    "lm_head.dense": "lm_head.dense",
+    "lm_head.layer_norm": "lm_head.norm",
+    "lm_head.decoder": "lm_head.decoder",
+    "lm_head": "lm_head",  # lm_head.bias
+    "classifier.dense": "classifier.dense",
+    "classifier.out_proj": "classifier.out_proj",
+}
+# Old TensorFlow-era LayerNorm names.
+LEGACY_SUFFIXES = {"gamma": "weight", "beta": "bias"}
+# Heads and parts a class may not have: their keys are dropped when it lacks them (see docstring).
+OPTIONAL_PARTS = ("pooler.", "lm_head.", "classifier.", "cls.")
+HEAD_PREFIXES = ("lm_head.", "classifier.", "cls.")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_TEMPLATES = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in CHECKPOINT_KEYS.items()]
+_INVERSE = [(re.compile("^" + re.escape(v).replace(r"\{\}", r"(\d+)") + "$"), k) for k, v in CHECKPOINT_KEYS.items() if v]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory this package cannot load; the message says what and what to do."""
+
+
+def _lookup(table, module_path: str) -> tuple[bool, str | None]:
+    for pattern, target in table:
+        m = pattern.match(module_path)
+        if m:
+            return True, (None if target is None else target.replace("{}", m.group(1)) if m.groups() else target)
+    return False, None
+
+
+def our_key(checkpoint_key: str, body_prefix: str) -> tuple[bool, str | None]:
+    """(known, our key relative to the model root of a head class, or None to drop).
+
+    Body keys come back as `roberta.<ours>`; head keys as `lm_head.<...>`/`classifier.<...>`."""
+    key = checkpoint_key
+    for prefix in (body_prefix + ".", "roberta.", "bert."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    module, _, suffix = key.rpartition(".")
+    suffix = LEGACY_SUFFIXES.get(suffix, suffix)
+    if key.startswith("cls.") or _lookup(_TEMPLATES, key) == (True, None):  # BERT's own heads; dropped buffers
+        return True, None
+    known, target = _lookup(_TEMPLATES, module)
+    if not known or target is None:
+        return known, None
+    if module == "lm_head.decoder" and suffix == "bias":
+        target, suffix = "lm_head", "bias"  # transformers saves the LM bias under both names
+    full = f"{target}.{suffix}"
+    return True, full if full.startswith(HEAD_PREFIXES) else "roberta." + full
+
+
+def checkpoint_key(ours: str, body_prefix: str) -> str:
+    """Inverse of `our_key` for saving: our head-class key -> Hugging Face key.
+    body_prefix: "roberta." / "bert." for head classes, "" for a bare base model (as transformers saves it)."""
+    body = ours.startswith("roberta.")
+    module, _, suffix = (ours[len("roberta."):] if body else ours).rpartition(".")
+    known, target = _lookup(_INVERSE, module)
+    if not known:
+        raise KeyError(ours)
+    return f"{body_prefix}{target}.{suffix}" if body else f"{target}.{suffix}"
+
+
+def weight_files(local_dir: Path) -> list[Path]:
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {local_dir} does not exist")
+    single, index = (local_dir / name for name in WEIGHT_FILES)
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (local_dir / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not in {local_dir}: {missing}")
+        return [local_dir / s for s in shards]
+    present = sorted(p.name for p in local_dir.iterdir())
+    if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in present):
+        raise CheckpointError(
+            f"{local_dir} holds only pickle weights ({[p for p in present if p.endswith(('.bin', '.pt', '.pth', '.ckpt'))]}). "
+            "Loading pickle can run arbitrary code, so this package reads safetensors only. Convert once, "
+            "in an environment you trust: `python -c \"import torch, safetensors.torch as st; "
+            "st.save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\"` "
+            "(or transformers' `save_pretrained(dir, safe_serialization=True)`)."
+        )
+    raise CheckpointError(f"{local_dir} has no weights: expected one of {list(WEIGHT_FILES)}; found {present}")
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; choose one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
+    """Build `cls(config, **kwargs)` on the meta device and assign the checkpoint's tensors to it.
+
+    dtype: float32 (default, as transformers), bfloat16 or float16; device: where tensors land."""
+    local_dir = Path(local_dir)
+    files = weight_files(local_dir)
+    config = RobertaConfig.from_pretrained(local_dir)
+    dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
+    check_tokenizer_fits(local_dir, config)
+    if cls.__name__ != "RobertaModel" and config.model_type == "bert":
+        raise CheckpointError(
+            f"{local_dir}: BERT checkpoints run through the base model only (RobertaModel, task embed); "
+            f"{cls.__name__} needs a RoBERTa-family head."
+        )
+
+    with torch.device("meta"):
+        model = cls(config, **kwargs)
+    # Keys as this class names them in a head class (base-model keys gain the "roberta." prefix).
+    is_base = not hasattr(model, "roberta")
+    expected = {("roberta." + k if is_base else k): v for k, v in model.state_dict().items()}
+    tied = getattr(model, "tie_weights", None) is not None and config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.decoder.weight")
+
+    loaded, unexpected, mismatched = {}, [], []
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                known, ours = our_key(key, config.body_prefix)
+                if not known:
+                    unexpected.append(key)
+                if ours is None or ours not in expected and _optional(ours):
+                    continue
+                if ours not in expected:
+                    unexpected.append(key)
+                    continue
+                tensor = f.get_tensor(key)
+                if tensor.shape != expected[ours].shape:
+                    mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[ours].shape)}")
+                    continue
+                if ours in loaded and not torch.equal(loaded[ours], tensor.to(dtype)):
+                    mismatched.append(f"{key}: differs from the other copy of {ours}")
+                loaded[ours] = tensor.to(dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if unexpected or missing or mismatched:
+        lines = [f"cannot load {local_dir} into {cls.__name__} (config: {config.model_type}, {config.num_hidden_layers} layers):"]
+        lines += [f"  unexpected keys (not part of this architecture): {sorted(set(unexpected))}"] if unexpected else []
+        lines += [f"  missing keys: {missing}"] if missing else []
+        lines += [f"  mismatched shapes: {mismatched}"] if mismatched else []
+        if missing and any(k.startswith("roberta.pooler") for k in missing):
+            lines.append("  (this checkpoint has no pooler: load RobertaModel with add_pooling_layer=False)")
+        raise CheckpointError("\n".join(lines))
+
+    if is_base:
+        loaded = {k[len("roberta."):]: v for k, v in loaded.items()}
+    model.load_state_dict(loaded, strict=not tied, assign=True)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _optional(ours: str) -> bool:
+    return ours.startswith(HEAD_PREFIXES) or ours.startswith("roberta.pooler")
+
+
+def check_tokenizer_fits(local_dir: Path, config: RobertaConfig) -> None:
+    """A tokenizer whose ids exceed the embedding table would index out of range mid-job: refuse now."""
+    tokenizer_json = local_dir / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size:
+        raise CheckpointError(
+            f"{local_dir}: tokenizer.json has {size} tokens but config.json vocab_size is {config.vocab_size}; "
+            "token ids past the embedding table would fail. Use the tokenizer the model was trained with."
+        )
+
+
+def save_pretrained(model, local_dir) -> None:
+    """config.json + model.safetensors under the Hugging Face key names (tied decoder omitted)."""
+    local_dir = Path(local_dir)
+    is_base = not hasattr(model, "roberta")
+    prefix = "" if is_base else model.config.body_prefix + "."
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.decoder.weight" and model.config.tie_word_embeddings:
+            continue
+        name = checkpoint_key("roberta." + key if is_base else key, prefix)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    model.config.save_pretrained(local_dir, type(model).__name__.replace("Roberta", "Bert" if model.config.model_type == "bert" else "Roberta"))
+    save_file(tensors, str(local_dir / "model.safetensors"), metadata={"format": "pt"})

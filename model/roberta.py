@@ -1,0 +1,517 @@
+"""The RoBERTa encoder family in one file: embeddings, blocks, heads, losses.
+
+Reference semantics: transformers' `modeling_roberta.py` (`RobertaModel`, `RobertaForMaskedLM`,
+`RobertaForCausalLM`, `RobertaForSequenceClassification`), matched to 1e-4 in fp32 by
+tests/model/test_roberta.py. BERT checkpoints (`model_type: bert`) run through the same classes:
+only the key prefix, the first position id (0 instead of pad+1) and the tokenizer differ.
+
+Deliberate differences from the reference, all documented where they live:
+- `past_key_values` is the legacy tuple format: one `(k, v)` (or `(k, v, cross_k, cross_v)`) per
+  layer, each `(B, nh, S, hs)`, not a `Cache` object.
+- `head_mask` (dropped by transformers 5) is kept with transformers 4 semantics: it scales each
+  head's attention probabilities, in self- and cross-attention alike.
+- The config is frozen: the sequence-classification loss infers `problem_type` without writing it
+  back to the config.
+- `attention_mask` may also be 4-D `(B, 1, T, S)` (bool: True = attend, or additive float). With
+  explicit `position_ids` this packs several sequences into one row (block-diagonal mask), and the
+  heads take `positions` so the LM head runs only where a caller needs logits.
+
+Shapes: B batch, T query length, S key length (past + T), H hidden, nh heads, hs head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import RobertaConfig
+
+ACT_FNS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+}
+
+
+# ----------------------------------------------------------------------------- outputs
+class ModelOutput:
+    """Attribute access, `out["name"]`, `out[i]` and `to_tuple()` over the fields that are not None,
+    like transformers' ModelOutput (so `return_dict=False` is `out.to_tuple()`)."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def keys(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass
+class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None  # (B, T, H)
+    pooler_output: torch.Tensor | None = None  # (B, H)
+    hidden_states: tuple | None = None  # L+1 of (B, T, H): embeddings, then each layer
+    past_key_values: tuple | None = None
+    attentions: tuple | None = None  # L of (B, nh, T, S)
+    cross_attentions: tuple | None = None
+
+
+@dataclass
+class MaskedLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V)
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class CausalLMOutputWithCrossAttentions(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V)
+    past_key_values: tuple | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+
+
+@dataclass
+class SequenceClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, num_labels)
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+# ----------------------------------------------------------------------------- modules
+class Embeddings(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def position_ids(self, input_ids, inputs_embeds, past_length: int) -> torch.Tensor:
+        """(B, T) position ids. RoBERTa counts only non-pad tokens, from pad+1, and gives pads the
+        pad position (fairseq's make_positions): `cumsum(mask) * mask + padding_idx`."""
+        offset = self.config.position_offset
+        if offset == 0:  # BERT: plain 0..T-1 after the cached prefix
+            B, T = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            return torch.arange(past_length, past_length + T, device=device).expand(B, T)
+        if input_ids is None:  # embeddings give no padding to see: sequential, as the reference does
+            B, T = inputs_embeds.shape[:2]
+            return torch.arange(offset, offset + T, device=inputs_embeds.device).expand(B, T)
+        mask = input_ids.ne(self.config.pad_token_id).int()
+        return ((torch.cumsum(mask, dim=1) + past_length) * mask).long() + self.config.pad_token_id
+
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, past_length: int):
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, inputs_embeds, past_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.word(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        x = inputs_embeds + self.token_type(token_type_ids) + self.position(position_ids)
+        return self.dropout(self.norm(x))  # (B, T, H)
+
+
+class Attention(nn.Module):
+    """Multi-head attention followed by the post-LayerNorm residual (`norm(x + out(attn(x)))`).
+    Self-attention when `kv_input` is None, cross-attention over `kv_input` otherwise."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.n_head, self.head_dim = config.num_attention_heads, config.head_dim
+        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
+        self.out = nn.Linear(H, H)
+        self.norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def heads(self, x):  # (B, T, H) -> (B, nh, T, hs)
+        return x.view(*x.shape[:2], self.n_head, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, bias, kv_input=None, past=None, head_mask=None, output_attentions=False):
+        """x (B, T, H); bias (B, 1, T, S) additive or None; past: cached (k, v) of this attention.
+        Returns (output (B, T, H), (k, v) for the cache, probabilities (B, nh, T, S) or None)."""
+        q = self.heads(self.query(x))
+        if kv_input is not None and past is not None:  # cross-attention: encoder k/v computed once
+            k, v = past
+        else:
+            source = x if kv_input is None else kv_input
+            k, v = self.heads(self.key(source)), self.heads(self.value(source))
+            if past is not None:  # self-attention decoding: append to the cached prefix
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        dropout = self.attn_dropout if self.training else 0.0
+        if output_attentions or head_mask is not None:
+            # Explicit softmax only when the probabilities themselves are needed.
+            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + (0 if bias is None else bias), -1)
+            probs = F.dropout(probs, dropout, self.training)
+            if head_mask is not None:
+                probs = probs * head_mask  # (1, nh, 1, 1)
+            y = probs @ v
+        else:
+            probs = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(x.shape)  # (B, nh, T, hs) -> (B, T, H)
+        return self.norm(x + self.dropout(self.out(y))), (k, v), (probs if output_attentions else None)
+
+
+class Block(nn.Module):
+    """Post-LayerNorm transformer block: self-attention, optional cross-attention, MLP."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.crossattention = Attention(config) if config.add_cross_attention else None
+        self.mlp_up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.mlp_down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.act = ACT_FNS[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, bias, encoder_states, encoder_bias, past, head_mask, output_attentions):
+        x, present, attn = self.attention(x, bias, None, past and past[:2], head_mask, output_attentions)
+        cross = None
+        if encoder_states is not None:
+            if self.crossattention is None:
+                raise ValueError("encoder_hidden_states given, but the config has add_cross_attention=false")
+            x, cross_kv, cross = self.crossattention(
+                x, encoder_bias, encoder_states, past and past[2:] or None, head_mask, output_attentions
+            )
+            present = present + cross_kv
+        x = self.mlp_norm(x + self.dropout(self.mlp_down(self.act(self.mlp_up(x)))))
+        return x, present, attn, cross
+
+
+def attention_bias(mask, T: int, S: int, causal: bool, dtype, device) -> torch.Tensor | None:
+    """Additive attention bias (B|1, 1, T, S): 0 where a query may attend, the dtype's min elsewhere.
+
+    mask: None, (B, S) with 1 = real token (keys only; padded query rows still compute, as in the
+    reference), or a 4-D (B, 1, T, S) mask given by the caller (bool: True = attend; float: additive).
+    causal: the T queries are the last T of the S positions and see only keys up to themselves."""
+    if mask is not None and mask.dim() == 4:
+        return mask if mask.is_floating_point() else torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    allowed = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, S)
+    if causal:
+        rows = torch.arange(S - T, S, device=device)[:, None]
+        tril = rows >= torch.arange(S, device=device)[None, :]  # (T, S)
+        allowed = tril[None, None] if allowed is None else allowed & tril
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class PreTrained(nn.Module):
+    """What every class shares: construction from a checkpoint directory and saving to one."""
+
+    base_model_prefix = "roberta"
+
+    @classmethod
+    def from_pretrained(cls, local_dir: str | Path, dtype: torch.dtype | str | None = None, device=None, **kwargs):
+        """Load a Hugging Face checkpoint directory (safetensors only; see model/loading.py)."""
+        from model.loading import load_pretrained
+
+        return load_pretrained(cls, local_dir, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, local_dir: str | Path) -> None:
+        """Write config.json + model.safetensors with the Hugging Face key names."""
+        from model.loading import save_pretrained
+
+        save_pretrained(self, local_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class RobertaModel(PreTrained):
+    def __init__(self, config: RobertaConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        past_key_values=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        config = self.config
+        use_cache = (config.use_cache if use_cache is None else use_cache) and config.is_decoder
+        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
+
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, past_length)  # (B, T, H)
+        T = x.shape[1]
+        bias = attention_bias(attention_mask, T, past_length + T, config.is_decoder, x.dtype, x.device)
+        encoder_bias = None
+        if encoder_hidden_states is not None and encoder_attention_mask is not None:
+            encoder_bias = attention_bias(encoder_attention_mask, T, encoder_hidden_states.shape[1], False, x.dtype, x.device)
+        head_masks = self.head_masks(head_mask, x.dtype)
+
+        hidden_states, attentions, cross_attentions, presents = [x], [], [], []
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values else None
+            x, present, attn, cross = layer(
+                x, bias, encoder_hidden_states, encoder_bias, past, head_masks[i], output_attentions
+            )
+            hidden_states.append(x)
+            attentions.append(attn)
+            cross_attentions.append(cross)
+            presents.append(present)
+
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=x,
+            pooler_output=torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            past_key_values=tuple(presents) if use_cache else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions and encoder_hidden_states is not None else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def head_masks(self, head_mask, dtype) -> list:
+        """(nh,) or (L, nh) head mask -> one (1, nh, 1, 1) multiplier per layer (or Nones)."""
+        L = self.config.num_hidden_layers
+        if head_mask is None:
+            return [None] * L
+        head_mask = head_mask.to(dtype)
+        if head_mask.dim() == 1:
+            head_mask = head_mask.expand(L, -1)
+        return [m[None, :, None, None] for m in head_mask]
+
+
+def sentence_embedding(output, attention_mask, pooling: str = "mean", normalize: bool = False) -> torch.Tensor:
+    """(B, H) sentence vectors from a base-model output.
+
+    pooling: "mean" averages the real tokens (attention_mask 1), "cls" takes the first token,
+    "pooler" takes the pooler output (dense + tanh on the first token). normalize: L2 to unit length."""
+    h = output.last_hidden_state  # (B, T, H)
+    if pooling == "mean":
+        m = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    elif pooling == "cls":
+        e = h[:, 0]
+    elif pooling == "pooler":
+        if output.pooler_output is None:
+            raise ValueError("pooling='pooler' needs a model built with its pooling layer (add_pooling_layer=True)")
+        e = output.pooler_output
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; choose mean, cls or pooler")
+    return F.normalize(e, p=2, dim=-1) if normalize else e
+
+
+# ----------------------------------------------------------------------------- heads
+class LMHead(nn.Module):
+    """dense -> gelu -> LayerNorm -> decoder (tied to the word embeddings unless the config unties
+    them) + bias. Always exact gelu, whatever hidden_act says, as in the reference."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h):  # (..., H) -> (..., V)
+        return self.decoder(self.norm(F.gelu(self.dense(h)))) + self.bias
+
+
+class LMModel(PreTrained):
+    """Shared body of the masked- and causal-LM classes: encoder + LM head (tied)."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self.lm_head = LMHead(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.decoder.weight = self.roberta.embeddings.word.weight
+
+    def logits(self, hidden, positions=None):
+        """LM logits (B, T, V) or, with `positions` (a bool (B, T) mask or index tuple), only at
+        those positions (N, V): callers that need a few tokens never build the full tensor."""
+        return self.lm_head(hidden if positions is None else hidden[positions])
+
+
+class RobertaForMaskedLM(LMModel):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        labels=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+    ):
+        out = self.roberta(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            encoder_hidden_states, encoder_attention_mask,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        logits = self.logits(out.last_hidden_state)  # (B, T, V)
+        loss = None
+        if labels is not None:  # tokens labelled -100 are ignored
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.view(-1).to(logits.device))
+        result = MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
+        return result if return_dict else result.to_tuple()
+
+
+class RobertaForCausalLM(LMModel):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        labels=None,
+        past_key_values=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+    ):
+        if labels is not None:
+            use_cache = False
+        out = self.roberta(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            encoder_hidden_states, encoder_attention_mask, past_key_values, use_cache,
+            output_attentions, output_hidden_states,
+        )  # fmt: skip
+        logits = self.logits(out.last_hidden_state)  # (B, T, V)
+        loss = None
+        if labels is not None:  # token t predicts token t+1; -100 ignored
+            shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1).to(logits.device))
+        result = CausalLMOutputWithCrossAttentions(
+            loss, logits, out.past_key_values, out.hidden_states, out.attentions, out.cross_attentions
+        )
+        return result if return_dict else result.to_tuple()
+
+
+class ClassificationHead(nn.Module):
+    """On the first token (<s>): dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, h):  # (B, T, H) -> (B, num_labels)
+        x = self.dropout(h[:, 0])
+        return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
+
+
+def problem_type(config: RobertaConfig, labels: torch.Tensor) -> str:
+    """The reference's inference when config.problem_type is null: one label is regression,
+    integer labels are single-label, anything else multi-label."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+class RobertaForSequenceClassification(PreTrained):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self.classifier = ClassificationHead(config)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+    ):
+        out = self.roberta(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        logits = self.classifier(out.last_hidden_state)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            kind = problem_type(self.config, labels)
+            if kind == "regression":
+                loss = F.mse_loss(logits.squeeze(), labels.squeeze()) if self.config.num_labels == 1 else F.mse_loss(logits, labels)
+            elif kind == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        result = SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        return result if return_dict else result.to_tuple()
+
+
+# Every architecture name a config.json may list, to the class that runs it.
+ARCHITECTURES = {
+    "RobertaModel": RobertaModel,
+    "BertModel": RobertaModel,
+    "XLMRobertaModel": RobertaModel,
+    "RobertaForMaskedLM": RobertaForMaskedLM,
+    "XLMRobertaForMaskedLM": RobertaForMaskedLM,
+    "RobertaForCausalLM": RobertaForCausalLM,
+    "RobertaForSequenceClassification": RobertaForSequenceClassification,
+    "XLMRobertaForSequenceClassification": RobertaForSequenceClassification,
+}

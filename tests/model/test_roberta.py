@@ -1,0 +1,210 @@
+"""Our RoBERTa classes against transformers' (the reference), fp32, max abs difference < 1e-4.
+
+Every reference is a widened tiny random model saved with transformers' own `save_pretrained` and
+loaded through our loader, so these tests cover the key table as well as the forward pass."""
+
+import pytest
+import torch
+import transformers
+
+import model as ours
+from tests.checkpoints import padded_batch, reference, save
+
+ATOL = 1e-4
+LENGTHS = [9, 4, 12, 1 + 1]  # mixed lengths: every batch is padded
+
+
+def close(a, b, atol=ATOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def load_pair(tmp_path, kind, ours_cls=None, **overrides):
+    ref = reference(kind, **overrides)
+    mine = (ours_cls or getattr(ours, kind)).from_pretrained(save(ref, tmp_path / kind))
+    return ref, mine
+
+
+@pytest.mark.parametrize("type_vocab_size", [1, 2])
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "relu", "silu", "tanh"])
+def test_base_model_matches_reference(tmp_path, type_vocab_size, hidden_act):
+    ref, mine = load_pair(tmp_path, "RobertaModel", type_vocab_size=type_vocab_size, hidden_act=hidden_act)
+    ids, mask, types = padded_batch(LENGTHS, type_vocab_size=type_vocab_size)
+    kwargs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types if type_vocab_size > 1 else None)
+    with torch.no_grad():
+        expected = ref(**kwargs, output_hidden_states=True, output_attentions=True)
+        got = mine(**kwargs, output_hidden_states=True, output_attentions=True)
+        fast = mine(**kwargs)  # SDPA path (no attention maps requested)
+    close(got.last_hidden_state, expected.last_hidden_state)
+    close(fast.last_hidden_state, expected.last_hidden_state)
+    close(got.pooler_output, expected.pooler_output)
+    assert len(got.hidden_states) == len(expected.hidden_states) == 3
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        close(a, b)
+    for a, b in zip(got.attentions, expected.attentions):
+        close(a, b)
+
+
+def test_position_ids_are_padding_aware():
+    """RoBERTa positions start at pad+1 and count real tokens only; pads keep the pad position."""
+    m = ours.RobertaModel(ours.RobertaConfig(**{k: v for k, v in __import__("tests.checkpoints").checkpoints.TINY.items()}))
+    ids = torch.tensor([[0, 7, 8, 2, 1, 1]])
+    expected = transformers.models.roberta.modeling_roberta.RobertaEmbeddings.create_position_ids_from_input_ids(ids, 1)
+    assert torch.equal(m.embeddings.position_ids(ids, None, 0), expected)
+    assert m.embeddings.position_ids(ids, None, 0).tolist() == [[2, 3, 4, 5, 1, 1]]
+
+
+def test_inputs_embeds_and_explicit_position_ids(tmp_path):
+    ref, mine = load_pair(tmp_path, "RobertaModel")
+    ids, mask, _ = padded_batch(LENGTHS)
+    embeds = ref.embeddings.word_embeddings(ids).detach()
+    positions = torch.arange(ids.shape[1]).expand_as(ids) + 2
+    with torch.no_grad():
+        close(mine(inputs_embeds=embeds, attention_mask=mask).last_hidden_state,
+              ref(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)  # fmt: skip
+        close(mine(ids, mask, position_ids=positions).last_hidden_state,
+              ref(ids, mask, position_ids=positions).last_hidden_state)  # fmt: skip
+    with pytest.raises(ValueError, match="exactly one"):
+        mine()
+
+
+def test_head_mask_matches_reference_with_scaled_output_projection(tmp_path):
+    """transformers 5 dropped head_mask; its semantics (scale head h's attention probabilities by m)
+    equal scaling the columns of head h in the attention output projection, which the reference can do."""
+    ref, mine = load_pair(tmp_path, "RobertaModel")
+    head_mask = torch.tensor([[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 1.0, 0.25]])  # (L, nh)
+    with torch.no_grad():
+        for layer, m in zip(ref.encoder.layer, head_mask):
+            w = layer.attention.output.dense.weight  # (H, nh*hs)
+            w.mul_(m.repeat_interleave(w.shape[1] // len(m))[None, :])
+        ids, mask, _ = padded_batch(LENGTHS)
+        close(mine(ids, mask, head_mask=head_mask).last_hidden_state, ref(ids, mask).last_hidden_state)
+        one_dim = mine(ids, mask, head_mask=head_mask[0]).last_hidden_state  # (nh,) applies to every layer
+        assert not torch.allclose(one_dim, mine(ids, mask).last_hidden_state)
+
+
+def test_masked_lm_logits_and_loss(tmp_path):
+    ref, mine = load_pair(tmp_path, "RobertaForMaskedLM")
+    ids, mask, _ = padded_batch(LENGTHS)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]
+    labels[0, 3] = ids[0, 3]
+    with torch.no_grad():
+        expected, got = ref(ids, mask, labels=labels), mine(ids, mask, labels=labels)
+    close(got.logits, expected.logits)
+    close(got.loss, expected.loss)
+    # The LM head at chosen positions only equals the full logits there.
+    hidden = mine.roberta(ids, mask).last_hidden_state
+    close(mine.logits(hidden, labels != -100), expected.logits[labels != -100])
+
+
+def test_causal_lm_loss_and_incremental_decoding(tmp_path):
+    ref, mine = load_pair(tmp_path, "RobertaForCausalLM", is_decoder=True)
+    ids, mask, _ = padded_batch([10, 10, 10])
+    with torch.no_grad():
+        expected = ref(ids, mask, labels=ids)
+        got = mine(ids, mask, labels=ids)
+        close(got.logits, expected.logits)
+        close(got.loss, expected.loss)
+        # Decode 4 prefix tokens, then one token at a time with the cache: same logits as one pass.
+        out = mine(ids[:, :4], mask[:, :4], use_cache=True)
+        steps, past = [out.logits], out.past_key_values
+        assert len(past) == 2 and past[0][0].shape == (3, 4, 4, 8)  # (B, nh, S, hs)
+        for t in range(4, 10):
+            out = mine(ids[:, t : t + 1], mask[:, : t + 1], past_key_values=past, use_cache=True)
+            steps.append(out.logits)
+            past = out.past_key_values
+    close(torch.cat(steps, dim=1), expected.logits)
+
+
+def test_causal_mask_hides_the_future(tmp_path):
+    _, mine = load_pair(tmp_path, "RobertaForCausalLM", is_decoder=True)
+    ids, mask, _ = padded_batch([10])
+    changed = ids.clone()
+    changed[0, 7] = 50
+    with torch.no_grad():
+        a, b = mine(ids, mask).logits, mine(changed, mask).logits
+    close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_cross_attention_with_cache(tmp_path):
+    ref, mine = load_pair(tmp_path, "RobertaForCausalLM", is_decoder=True, add_cross_attention=True)
+    ids, mask, _ = padded_batch([8, 8])
+    encoder_states = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    encoder_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    kw = dict(encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask)
+    with torch.no_grad():
+        expected = ref(ids, mask, **kw, output_attentions=True)
+        got = mine(ids, mask, **kw, output_attentions=True)
+        close(got.logits, expected.logits)
+        for a, b in zip(got.cross_attentions, expected.cross_attentions):
+            close(a, b)
+        out = mine(ids[:, :3], mask[:, :3], **kw, use_cache=True)
+        steps, past = [out.logits], out.past_key_values
+        assert len(past[0]) == 4  # self k, v + cross k, v
+        for t in range(3, 8):
+            out = mine(ids[:, t : t + 1], mask[:, : t + 1], **kw, past_key_values=past, use_cache=True)
+            steps.append(out.logits)
+            past = out.past_key_values
+    close(torch.cat(steps, dim=1), expected.logits)
+
+
+@pytest.mark.parametrize(
+    "num_labels, problem_type, labels",
+    [
+        (1, None, torch.tensor([0.5, -1.0, 2.0, 0.0])),
+        (3, None, torch.tensor([0, 2, 1, 1])),
+        (3, None, torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]])),
+        (3, "multi_label_classification", torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]])),
+        (2, "regression", torch.tensor([[0.5, 1.0], [0, 0], [1, 2], [3, 0]])),
+    ],
+)
+def test_sequence_classification_problem_types(tmp_path, num_labels, problem_type, labels):
+    ref, mine = load_pair(tmp_path, "RobertaForSequenceClassification", num_labels=num_labels, problem_type=problem_type)
+    ids, mask, _ = padded_batch(LENGTHS)
+    with torch.no_grad():
+        expected, got = ref(ids, mask, labels=labels), mine(ids, mask, labels=labels)
+    close(got.logits, expected.logits)
+    close(got.loss, expected.loss)
+    assert mine.config.problem_type == problem_type  # frozen: inference does not write back
+
+
+@pytest.mark.parametrize("kind", ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification"])
+def test_return_dict_false_gives_the_reference_tuple(tmp_path, kind):
+    ref, mine = load_pair(tmp_path, kind)
+    ids, mask, _ = padded_batch(LENGTHS)
+    with torch.no_grad():
+        expected = ref(ids, mask, output_hidden_states=True, return_dict=False)
+        got = mine(ids, mask, output_hidden_states=True, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for a, b in zip(got, expected):
+        if isinstance(a, tuple):
+            for x, y in zip(a, b):
+                close(x, y)
+        else:
+            close(a, b)
+
+
+def test_dropout_follows_train_and_eval(tmp_path):
+    _, mine = load_pair(tmp_path, "RobertaModel")
+    ids, mask, _ = padded_batch(LENGTHS)
+    with torch.no_grad():
+        assert torch.equal(mine(ids, mask).last_hidden_state, mine(ids, mask).last_hidden_state)
+        mine.train()
+        assert not torch.equal(mine(ids, mask).last_hidden_state, mine(ids, mask).last_hidden_state)
+
+
+def test_sentence_embedding_pooling(tmp_path):
+    ref, mine = load_pair(tmp_path, "RobertaModel")
+    ids, mask, _ = padded_batch(LENGTHS)
+    with torch.no_grad():
+        expected = ref(ids, mask)
+        out = mine(ids, mask)
+    m = mask[..., None].float()
+    close(ours.sentence_embedding(out, mask, "mean"), (expected.last_hidden_state * m).sum(1) / m.sum(1))
+    close(ours.sentence_embedding(out, mask, "cls"), expected.last_hidden_state[:, 0])
+    close(ours.sentence_embedding(out, mask, "pooler"), expected.pooler_output)
+    normed = ours.sentence_embedding(out, mask, "mean", normalize=True)
+    close(normed.norm(dim=-1), torch.ones(len(LENGTHS)))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        ours.sentence_embedding(out, mask, "max")
