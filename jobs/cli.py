@@ -1,0 +1,69 @@
+"""`rayberta <task> --model DIR --input URI --output URI [options]`: one job, Parquet in, Parquet out.
+
+Without RAY_ADDRESS or --address it starts an embedded local Ray sized to this machine; with one,
+it runs on that cluster. Prints the run summary as JSON (also written to OUTPUT/_summary.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline import Options, TaskOptions, run
+from pipeline.tasks import TASKS
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    io = common.add_argument_group("data")
+    io.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    io.add_argument("--input", required=True, nargs="+", help="Parquet file(s), directory, glob or s3:// prefix")
+    io.add_argument("--output", required=True, help="output directory or s3:// prefix for Parquet results")
+    io.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    io.add_argument("--pair-column", default=None, help="second text of a pair, for NLI / cross-encoder checkpoints")
+    io.add_argument("--id-column", default="id", help="id column kept in the output (default: id; derived from file and row if absent)")
+    io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output")
+    io.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    io.add_argument("--storage-options", default="{}", help='JSON options for fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    run_ = common.add_argument_group("execution")
+    run_.add_argument("--max-length", type=int, default=None, help="truncate texts to N tokens (default: the model's positions)")
+    run_.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one micro-batch (padded tokens)")
+    run_.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights and compute dtype")
+    run_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPUs when the cluster has them")
+    run_.add_argument("--concurrency", type=int, default=None, help="inference actors (default: one per GPU, or one on CPU)")
+    run_.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    p = argparse.ArgumentParser(prog="rayberta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    classify = tasks.add_parser("classify", parents=[common], help="label texts with a sequence-classification checkpoint")
+    classify.add_argument("--threshold", type=float, default=0.5, help="multi-label: keep labels with probability >= threshold")
+    classify.add_argument("--logits", action="store_true", help="also write raw logits")
+    embed = tasks.add_parser("embed", parents=[common], help="sentence embeddings from the base model")
+    embed.add_argument("--pooling", default="mean", choices=["mean", "cls", "pooler"], help="how token states become one vector")
+    embed.add_argument("--normalize", action="store_true", help="L2-normalise embeddings")
+    embed.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"], help="stored embedding dtype")
+    fill = tasks.add_parser("fill-mask", parents=[common], help="top-k predictions for every <mask> token")
+    fill.add_argument("--top-k", type=int, default=5, help="predictions per mask")
+    tasks.add_parser("score", parents=[common], help="log-likelihood and perplexity (causal LM, or pseudo-LL for masked LM)")
+    assert set(tasks.choices) == set(TASKS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    task_options = TaskOptions(**{k: v for k, v in vars(args).items() if k in TaskOptions.__dataclass_fields__})
+    options = Options(
+        task=args.task, model=args.model, text_column=args.text_column, pair_column=args.pair_column,
+        id_column=args.id_column, keep_columns=tuple(c for c in args.keep_columns.split(",") if c),
+        max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,
+        concurrency=args.concurrency, task_options=task_options,
+    )  # fmt: skip
+    summary = run(args.input, args.output, options, overwrite=args.overwrite,
+                  storage_options=json.loads(args.storage_options), address=args.address)  # fmt: skip
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

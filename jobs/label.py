@@ -1,0 +1,14 @@
+"""Label a corpus with a sequence-classification checkpoint (task `classify`).
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m jobs.label --model /models/sentiment --input s3://bucket/corpus/ --output s3://bucket/labels/
+
+Flags: `python -m jobs.label --help` (the same as `rayberta classify`).
+"""
+
+import sys
+
+from jobs.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["classify", *sys.argv[1:]]))

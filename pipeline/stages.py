@@ -1,0 +1,116 @@
+"""Pipeline stages: small callable classes, `__call__(pyarrow.Table) -> pyarrow.Table`.
+
+Each is testable on a plain Arrow table without Ray; `pipeline.runner.build` wires them into Ray
+Data and owns every Ray setting (concurrency, CPUs, GPUs, batch sizes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from model import RobertaTokenizer
+from pipeline.tasks import Task, TaskOptions, make_task
+
+TOKENS = "input_ids"  # list<int32> token ids, the only thing that travels from Tokenize to Infer
+
+
+class InputError(ValueError):
+    """Input data the pipeline cannot process; the message names the column and what to do."""
+
+
+def text_column(batch: pa.Table, name: str) -> list[str]:
+    """The column as Python strings, nulls as "" (processed like empty texts and counted as such)."""
+    if name not in batch.column_names:
+        raise InputError(f"column {name!r} not found; available columns: {batch.column_names}")
+    column = batch[name]
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise InputError(
+            f"column {name!r} has type {column.type}, expected strings; pass --text-column with the column that holds the text"
+        )
+    return pc.fill_null(column, "").to_pylist()
+
+
+class Tokenize:
+    """Adds `input_ids` (list<int32>), `input_tokens` (int32) and `truncated` (bool); drops the text."""
+
+    def __init__(self, model_dir: str, text_column: str = "text", pair_column: str | None = None, max_length: int | None = None):
+        self.tokenizer = RobertaTokenizer.from_pretrained(model_dir)
+        self.text, self.pair = text_column, pair_column
+        self.max_length = max_length or self.tokenizer.model_max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = text_column(batch, self.text)
+        pairs = text_column(batch, self.pair) if self.pair else None
+        ids, offsets, truncated = self.tokenizer.encode_batch(texts, pairs, max_length=self.max_length)
+        batch = batch.drop_columns([c for c in (self.text, self.pair) if c])
+        batch = batch.append_column(TOKENS, pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int32())))
+        batch = batch.append_column("input_tokens", pa.array(np.diff(offsets), pa.int32()))
+        return batch.append_column("truncated", pa.array(truncated, pa.bool_()))
+
+
+def micro_batches(lengths: np.ndarray, budget: int, cost=lambda n: n) -> list[np.ndarray]:
+    """Row indices sorted by length, cut so that rows x cost(longest) stays within `budget` tokens
+    (a single row over budget runs alone). Sorting first keeps padding near zero."""
+    order = np.argsort(lengths, kind="stable")
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end + 1 - start) * cost(int(lengths[order[end]])) > budget:
+            groups.append(order[start:end])
+            start = end
+    return groups
+
+
+def pad(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gather `rows` of a flat list<int32> column into right-padded ids and mask, both (B, T)."""
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    T = int(lengths.max())
+    ids = np.full((len(rows), T), pad_id, dtype=np.int64)
+    mask = np.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    ids[mask] = values[np.repeat(starts - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())]
+    return ids, mask.astype(np.int64)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but this worker has no CUDA device; use --device auto or cpu")
+    return torch.device(device)
+
+
+class Infer:
+    """Runs a task's model over each block: rows sorted by length, cut into micro-batches by a
+    token budget, run, and put back in their original order. The model loads once per actor."""
+
+    def __init__(self, model_dir: str, task: str, options: TaskOptions | None = None, dtype: str = "float32",
+                 device: str = "auto", batch_tokens: int = 8192, threads: int | None = None):  # fmt: skip
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.task: Task = make_task(task, model_dir, options)
+        self.model = self.task.load(dtype, self.device)
+        self.pad_id = self.model.config.pad_token_id
+        self.budget = batch_tokens
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        column = batch[TOKENS].combine_chunks() if batch.num_rows else pa.array([], pa.list_(pa.int32()))
+        values = column.values.to_numpy(zero_copy_only=False)
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        parts, order = [], []
+        for rows in micro_batches(np.diff(offsets), self.budget, self.task.cost):
+            ids, mask = pad(values, offsets, rows, self.pad_id)
+            ids, mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+            parts.append(self.task.run(self.model, ids, mask, self.budget))
+            order.append(rows)
+        batch = batch.drop_columns([TOKENS])
+        if not parts:
+            return batch
+        inverse = np.argsort(np.concatenate(order))  # sorted position of each original row
+        outputs = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+        for name, array in self.task.columns(outputs).items():
+            batch = batch.append_column(name, array)
+        return batch

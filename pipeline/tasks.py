@@ -1,0 +1,259 @@
+"""Tasks: what the user asks for (`classify`, `embed`, `fill-mask`, `score`), each one small class.
+
+A task knows which model class (head) it needs, runs one micro-batch of right-padded token ids
+through it and returns per-row numpy outputs, then turns the outputs of a whole block into the
+Arrow columns it documents. It never sees Ray: `pipeline.stages.Infer` feeds it.
+
+Adding a task is one class here plus one entry in `TASKS`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from model import RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
+from model.roberta import sentence_embedding
+
+
+class TaskError(ValueError):
+    """The task cannot run on this checkpoint; the message names both and what would work."""
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Task-specific options (CLI flags of the same names). Unused ones are ignored by other tasks."""
+
+    threshold: float = 0.5  # classify, multi-label: labels whose probability >= threshold
+    logits: bool = False  # classify: also write raw logits
+    pooling: str = "mean"  # embed: mean | cls | pooler
+    normalize: bool = False  # embed: L2-normalise
+    embedding_dtype: str = "float32"  # embed: float32 | float16
+    top_k: int = 5  # fill-mask: predictions per <mask>
+
+
+def checkpoint_heads(model_dir: str | Path) -> set[str]:
+    """Which heads a checkpoint carries, from config.json's `architectures` (transformers writes it)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    names = " ".join(config.get("architectures") or [])
+    heads = {"base"}
+    if "ForSequenceClassification" in names:
+        heads.add("classifier")
+    if "ForMaskedLM" in names:
+        heads.add("masked_lm")
+    if "ForCausalLM" in names or config.get("is_decoder"):
+        heads.add("causal_lm")
+    return heads
+
+
+class Task:
+    name: str
+    needs: tuple[str, ...]  # any one of these heads will do
+
+    def __init__(self, model_dir: str, options: TaskOptions):
+        self.model_dir, self.options = model_dir, options
+
+    def check(self) -> None:
+        heads = checkpoint_heads(self.model_dir)
+        if not heads & set(self.needs):
+            usable = sorted(t.name for t in TASKS.values() if heads & set(t.needs))
+            raise TaskError(
+                f"task {self.name!r} needs a checkpoint with a {' or '.join(self.needs)} head; "
+                f"{self.model_dir} has {sorted(heads - {'base'}) or 'only the base model'}. "
+                f"Tasks this checkpoint supports: {usable}."
+            )
+
+    def load(self, dtype, device) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def cost(self, length: int) -> int:
+        """Tokens one row of `length` tokens puts through the encoder (the token budget counts these)."""
+        return length
+
+    def run(self, model, ids: torch.Tensor, mask: torch.Tensor, budget: int) -> dict[str, np.ndarray]:
+        """ids, mask (B, T) right-padded on the model's device -> per-row outputs, first dim B."""
+        raise NotImplementedError
+
+    def columns(self, outputs: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+        raise NotImplementedError
+
+
+class Classify(Task):
+    """Columns: label, label_id, score, probs (single-label); labels, probs (multi-label, by
+    threshold); score (regression, num_labels == 1); logits on request."""
+
+    name, needs = "classify", ("classifier",)
+
+    def load(self, dtype, device):
+        self.model = RobertaForSequenceClassification.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        config = self.model.config
+        if config.num_labels == 1 or config.problem_type == "regression":
+            self.kind = "regression"
+        elif config.problem_type == "multi_label_classification":
+            self.kind = "multi_label"
+        else:
+            self.kind = "single_label"
+        self.id2label = config.id2label
+        return self.model
+
+    def run(self, model, ids, mask, budget):
+        return {"logits": model(ids, mask).logits.float().cpu().numpy()}  # (B, num_labels)
+
+    def columns(self, outputs):
+        logits = outputs["logits"]
+        cols = {}
+        if self.kind == "regression":
+            cols["score"] = pa.array(logits[:, 0], pa.float32())
+        else:
+            t = torch.from_numpy(logits)
+            probs = (torch.sigmoid(t) if self.kind == "multi_label" else torch.softmax(t, -1)).numpy()
+            if self.kind == "multi_label":
+                cols["labels"] = pa.array([[self.id2label[j] for j in np.flatnonzero(p >= self.options.threshold)] for p in probs], pa.list_(pa.string()))
+            else:
+                label_id = probs.argmax(-1)
+                cols["label"] = pa.array([self.id2label[int(i)] for i in label_id], pa.string())
+                cols["label_id"] = pa.array(label_id, pa.int32())
+                cols["score"] = pa.array(probs[np.arange(len(probs)), label_id], pa.float32())
+            cols["probs"] = fixed_list(probs)
+        if self.options.logits:
+            cols["logits"] = fixed_list(logits)
+        return cols
+
+
+class Embed(Task):
+    """Column embedding: fixed-size list of float32 (or float16), pooled mean/cls/pooler."""
+
+    name, needs = "embed", ("base",)
+
+    def load(self, dtype, device):
+        pooler = self.options.pooling == "pooler"
+        return RobertaModel.from_pretrained(self.model_dir, dtype=dtype, device=device, add_pooling_layer=pooler)
+
+    def run(self, model, ids, mask, budget):
+        e = sentence_embedding(model(ids, mask), mask, self.options.pooling, self.options.normalize)
+        return {"embedding": e.float().cpu().numpy()}  # (B, H)
+
+    def columns(self, outputs):
+        return {"embedding": fixed_list(outputs["embedding"].astype(self.options.embedding_dtype))}
+
+
+class FillMask(Task):
+    """Column predictions: per <mask> in the row (in order), the top-k {token_id, token, probability}.
+    Rows without a mask get an empty list. The LM head runs only at mask positions."""
+
+    name, needs = "fill-mask", ("masked_lm",)
+    PREDICTION = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("probability", pa.float32())])
+
+    def load(self, dtype, device):
+        self.tokenizer = RobertaTokenizer.from_pretrained(self.model_dir)
+        return RobertaForMaskedLM.from_pretrained(self.model_dir, dtype=dtype, device=device)
+
+    def run(self, model, ids, mask, budget):
+        at_mask = ids == self.tokenizer.mask_token_id  # (B, T)
+        logits = model.logits(model.roberta(ids, mask).last_hidden_state, at_mask).float()  # (N masks, V)
+        probs, top = torch.softmax(logits, -1).topk(min(self.options.top_k, logits.shape[-1]), dim=-1)
+        per_row = np.split(np.arange(len(top)), np.cumsum(at_mask.sum(1).cpu().numpy())[:-1])
+        top, probs = top.cpu().numpy(), probs.cpu().numpy()
+        out = np.empty(len(ids), dtype=object)
+        for row, masks in enumerate(per_row):
+            out[row] = [
+                [{"token_id": int(t), "token": self.tokenizer.decode([int(t)]), "probability": float(p)} for t, p in zip(top[m], probs[m])]
+                for m in masks
+            ]
+        return {"predictions": out}
+
+    def columns(self, outputs):
+        return {"predictions": pa.array(list(outputs["predictions"]), pa.list_(pa.list_(self.PREDICTION)))}
+
+
+class Score(Task):
+    """Columns log_likelihood (sum over scored tokens, natural log), num_tokens, perplexity.
+
+    Causal-LM checkpoints: every token after <s> is scored given its prefix. Masked-LM checkpoints:
+    pseudo-log-likelihood (Salazar et al. 2020): each token between <s> and </s> is masked in turn
+    and scored at its position. `method` says which, and goes into the run summary.
+    Neither builds (tokens, V) logits for a whole batch: the LM head runs in chunks over the scored
+    positions only."""
+
+    name, needs = "score", ("causal_lm", "masked_lm")
+    CHUNK = 1024  # scored positions per LM-head call: bounds the (chunk, V) float32 logits
+
+    def __init__(self, model_dir, options):
+        super().__init__(model_dir, options)
+        self.method = "causal" if "causal_lm" in checkpoint_heads(model_dir) else "pseudo"
+
+    def load(self, dtype, device):
+        if self.method == "pseudo":
+            self.mask_token_id = RobertaTokenizer.from_pretrained(self.model_dir).mask_token_id
+        cls = RobertaForCausalLM if self.method == "causal" else RobertaForMaskedLM
+        return cls.from_pretrained(self.model_dir, dtype=dtype, device=device)
+
+    def cost(self, length):
+        return length if self.method == "causal" else length * max(length - 2, 1)
+
+    def token_log_probs(self, model, hidden, targets):
+        """hidden (N, H), targets (N,) -> log p(target) (N,) float32, chunked over N."""
+        out = [
+            torch.log_softmax(model.logits(hidden[i : i + self.CHUNK]).float(), -1).gather(-1, targets[i : i + self.CHUNK, None])[:, 0]
+            for i in range(0, len(targets), self.CHUNK)
+        ]
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+    def run(self, model, ids, mask, budget):
+        if self.method == "causal":
+            hidden = model.roberta(ids, mask).last_hidden_state  # (B, T, H)
+            scored = mask[:, 1:].bool()  # position t predicts token t+1
+            lp = self.token_log_probs(model, hidden[:, :-1][scored], ids[:, 1:][scored])
+            row = torch.arange(len(ids), device=ids.device)[:, None].expand_as(scored)[scored]
+        else:
+            lp, row = self.pseudo_log_probs(model, ids, mask, budget)
+        ll = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add_(0, row, lp.double())
+        n = torch.bincount(row, minlength=len(ids))
+        return {"log_likelihood": ll.cpu().numpy(), "num_tokens": n.cpu().numpy()}
+
+    def pseudo_log_probs(self, model, ids, mask, budget):
+        """One masked copy per scored token (between <s> and </s>), run in chunks of at most
+        `budget` tokens; the LM head runs only at each copy's masked position."""
+        lengths = mask.sum(1)
+        row = torch.cat([torch.full((int(n) - 2,), i, device=ids.device) for i, n in enumerate(lengths) if n > 2] or [ids.new_zeros(0)])
+        pos = torch.cat([torch.arange(1, int(n) - 1, device=ids.device) for n in lengths if n > 2] or [ids.new_zeros(0)])
+        per_chunk = max(1, budget // ids.shape[1])
+        out = []
+        for i in range(0, len(row), per_chunk):
+            r, p = row[i : i + per_chunk], pos[i : i + per_chunk]
+            copies = ids[r].clone()  # (C, T)
+            copies[torch.arange(len(r)), p] = self.mask_token_id
+            hidden = model.roberta(copies, mask[r]).last_hidden_state[torch.arange(len(r)), p]  # (C, H)
+            out.append(self.token_log_probs(model, hidden, ids[r, p]))
+        return (torch.cat(out) if out else torch.zeros(0, device=ids.device)), row
+
+    def columns(self, outputs):
+        ll, n = outputs["log_likelihood"], outputs["num_tokens"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ppl = np.where(n > 0, np.exp(-ll / np.maximum(n, 1)), np.nan)
+        return {
+            "log_likelihood": pa.array(ll, pa.float64()),
+            "num_tokens": pa.array(n, pa.int32()),
+            "perplexity": pa.array(ppl, pa.float64()),
+        }
+
+
+def fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) numpy -> Arrow fixed_size_list<D>, zero-copy from the flat buffer."""
+    values = np.ascontiguousarray(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify, Embed, FillMask, Score)}
+
+
+def make_task(name: str, model_dir: str, options: TaskOptions | None = None) -> Task:
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](model_dir, options or TaskOptions())
