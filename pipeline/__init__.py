@@ -32,7 +32,7 @@ def as_dataset(data) -> ray.data.Dataset:
     if isinstance(data, pa.Table):
         return ray.data.from_arrow(data)
     if hasattr(data, "to_parquet"):  # pandas DataFrame, without importing pandas here
-        return ray.data.from_pandas(data)
+        return ray.data.from_arrow(pa.Table.from_pandas(data, preserve_index=False))
     raise TypeError(f"expected a ray.data.Dataset, Parquet path(s), pandas DataFrame or pyarrow Table, not {type(data).__name__}")
 
 
@@ -46,7 +46,10 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
                       **{k: v for k, v in settings.items() if k not in task_fields})  # fmt: skip
     make_task(task, options.model, task_options).check()
     ds = as_dataset(data)
-    if check_schema(ds.schema().base_schema, options, "dataset"):
+    schema = ds.schema().base_schema
+    if not isinstance(schema, pa.Schema):  # a dataset of pandas blocks: look at one row as Arrow
+        schema = ds.take_batch(1, batch_format="pyarrow").schema
+    if check_schema(schema, options, "dataset"):
         raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
     columns = [id_column, text_column, options.pair_column, *options.keep_columns]
     return build(ds.select_columns(list(dict.fromkeys(c for c in columns if c))), options)

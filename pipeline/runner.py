@@ -9,10 +9,11 @@ Choices a user may want to know:
 - Every output also carries `input_tokens` (tokens the model saw, specials included) and
   `truncated`; the run summary is computed from the written output, so it counts what was written.
 - Null texts are processed as empty strings; the summary counts rows whose text produced no tokens.
-- Ray resources are logical reservations, not thread limits: tokenizer actors reserve a quarter CPU,
-  a CPU inference actor half a CPU (its torch threads still use the node's cores), a GPU inference
-  actor one GPU. They stay small because Ray Data's own tasks (file listing: 1 CPU) must still fit
-  beside the actor pools on a 2-CPU machine; with bigger reservations the job deadlocks there.
+- Ray resources are logical reservations, not thread limits: a tokenizer actor reserves 1/8 CPU,
+  a CPU inference actor 1/4 CPU (its torch threads still use the node's cores), a GPU inference
+  actor one GPU. They stay small because Ray Data's own tasks (file listing, projections: 1 CPU
+  each) must still fit beside the actor pools, even with two chained jobs on a 2-CPU machine;
+  bigger reservations deadlock there (measured: 1/2 + 1 CPU per job hangs).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
         batch_format="pyarrow",
         batch_size=256,
         concurrency=max(1, cpus // 4) if gpu else 1,
-        num_cpus=0.25,
+        num_cpus=0.125,
     )
     return ds.map_batches(
         Infer,
@@ -110,7 +111,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
         batch_size=ROWS_PER_BLOCK,
         concurrency=actors,
         num_gpus=1 if gpu else 0,
-        num_cpus=0.5 if not gpu else 1,
+        num_cpus=1 if gpu else 0.25,
     )
 
 

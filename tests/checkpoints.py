@@ -58,3 +58,32 @@ def padded_batch(lengths, vocab_size=99, pad_id=1, seed=0, type_vocab_size=1):
         mask[i, :n] = 1
     types = torch.randint(0, type_vocab_size, ids.shape, generator=g) * mask
     return ids, mask, types
+
+
+def train_bpe(texts, directory: Path, vocab_size: int = 400) -> Path:
+    """A real byte-level BPE (RoBERTa's specials at ids 0-4), saved as tokenizer.json by the reference."""
+    from tokenizers import AddedToken, ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(directory))
+    mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
+    tokenizer = transformers.RobertaTokenizerFast.from_pretrained(str(directory), mask_token=mask)
+    for name in ("vocab.json", "merges.txt"):
+        (directory / name).unlink()
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def checkpoint(directory: Path, tokenizer_dir: Path, kind: str, **overrides) -> Path:
+    """A widened tiny `kind` saved by transformers next to a copy of the tokenizer in `tokenizer_dir`."""
+    import shutil
+
+    vocab = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = reference(kind, **{"vocab_size": len(vocab), "max_position_embeddings": 130, **overrides})
+    model.save_pretrained(directory)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    return directory

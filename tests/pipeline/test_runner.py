@@ -1,0 +1,165 @@
+"""Whole jobs on a real local Ray: Parquet in, Parquet out, read back with plain pyarrow and compared
+with transformers; ids, schema, summary; the Python API; and clear errors for bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline
+from pipeline import InputError, Options, TaskError, TaskOptions, run
+from tests.pipeline import reference
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def corpus(reviews):
+    """40 real reviews, a null, an empty and a whitespace-only text, with ids that are not row numbers."""
+    texts = reviews[100:140] + [None, "", "  "]
+    return pa.table({"id": pa.array([1000 + 7 * i for i in range(len(texts))], pa.int64()),
+                     "text": pa.array(texts, pa.string()),
+                     "source": pa.array(["s%d" % (i % 3) for i in range(len(texts))])})  # fmt: skip
+
+
+@pytest.fixture
+def shards(tmp_path, corpus):
+    """The corpus as three Parquet shards in a directory."""
+    directory = tmp_path / "in"
+    directory.mkdir()
+    for i, rows in enumerate(np.array_split(np.arange(corpus.num_rows), 3)):
+        pq.write_table(corpus.take(rows), directory / f"part-{i}.parquet")
+    return directory
+
+
+def read(directory):
+    table = pq.read_table(directory)
+    return table.take(np.argsort(table["id"].to_numpy()))
+
+
+def test_classify_job_equals_transformers(ray_session, checkpoints, shards, corpus, tmp_path):
+    out_dir = tmp_path / "out"
+    options = Options(task="classify", model=str(checkpoints["classifier"]), keep_columns=("source",), batch_tokens=512)
+    summary = run(str(shards), str(out_dir), options)
+    out = read(out_dir)
+    assert out.num_rows == corpus.num_rows and out["id"].to_pylist() == corpus["id"].to_pylist()
+    assert out["source"].to_pylist() == corpus["source"].to_pylist()
+    assert out.schema.field("label").type == pa.string() and out.schema.field("label_id").type == pa.int32()
+    assert out.schema.field("score").type == pa.float32() and out.schema.field("probs").type == pa.list_(pa.float32(), 3)
+    logits = reference.classify(checkpoints["classifier"], corpus["text"].to_pylist())
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False)), probs, atol=ATOL)
+    assert out["label_id"].to_pylist() == probs.argmax(1).tolist()
+
+    on_disk = json.loads((out_dir / "_summary.json").read_text())
+    assert on_disk == summary.to_dict()
+    assert summary.rows == corpus.num_rows
+    assert summary.tokens == sum(out["input_tokens"].to_pylist())
+    assert summary.truncated_rows == sum(out["truncated"].to_pylist()) > 0
+    assert summary.empty_texts == 2  # null and "" (whitespace is a token for byte-level BPE)
+
+
+def test_every_task_runs_end_to_end(ray_session, checkpoints, shards, corpus, tmp_path):
+    texts = corpus["text"].to_pylist()
+    run(str(shards), str(tmp_path / "embed"), Options(task="embed", model=str(checkpoints["base"])))
+    out = read(tmp_path / "embed")
+    np.testing.assert_allclose(np.stack(out["embedding"].to_numpy(zero_copy_only=False)), reference.embed(checkpoints["base"], texts), atol=ATOL)
+
+    summary = run(str(shards), str(tmp_path / "score"), Options(task="score", model=str(checkpoints["causal_lm"])))
+    out = read(tmp_path / "score")
+    expected = reference.causal_log_likelihood(checkpoints["causal_lm"], texts)
+    np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected], rtol=1e-5, atol=1e-3)
+    assert summary.method == "causal"
+
+    run(str(shards), str(tmp_path / "fill"), Options(task="fill-mask", model=str(checkpoints["masked_lm"])))
+    out = read(tmp_path / "fill")
+    assert out["predictions"].to_pylist() == [[] for _ in texts]  # reviews have no <mask>: empty lists
+
+
+def test_missing_id_column_derives_stable_ids(ray_session, checkpoints, tmp_path, corpus):
+    (tmp_path / "in").mkdir()
+    pq.write_table(corpus.drop_columns(["id"]), tmp_path / "in" / "part.parquet")
+    options = Options(task="classify", model=str(checkpoints["classifier"]))
+    run(str(tmp_path / "in"), str(tmp_path / "a"), options)
+    run(str(tmp_path / "in"), str(tmp_path / "b"), options)
+    a, b = pq.read_table(tmp_path / "a"), pq.read_table(tmp_path / "b")
+    assert a.schema.field("id").type == pa.uint64()
+    assert len(set(a["id"].to_pylist())) == corpus.num_rows
+    assert set(a["id"].to_pylist()) == set(b["id"].to_pylist())
+
+
+def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):
+    df = corpus.to_pandas()
+    ds = pipeline.classify(df, model=checkpoints["classifier"], keep_columns=["source"], logits=True)
+    out = ds.to_pandas().sort_values("id")
+    assert list(out["id"]) == list(df["id"]) and list(out["source"]) == list(df["source"])
+    logits = reference.classify(checkpoints["classifier"], corpus["text"].to_pylist())
+    np.testing.assert_allclose(np.stack(out["logits"]), logits, atol=ATOL)
+    chained = pipeline.embed(ds.select_columns(["id", "label"]).rename_columns({"label": "text"}), model=checkpoints["base"])
+    assert chained.count() == len(df)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def classify(checkpoints):
+    return Options(task="classify", model=str(checkpoints["classifier"]))
+
+
+def test_missing_input(classify, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"input {tmp_path / 'nope'} does not exist"):
+        run(str(tmp_path / "nope"), str(tmp_path / "out"), classify)
+
+
+def test_empty_input(classify, tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}), tmp_path / "in" / "empty.parquet")
+    with pytest.raises(InputError, match="holds no rows"):
+        run(str(tmp_path / "in"), str(tmp_path / "out"), classify)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no .parquet files"):
+        run(str(tmp_path / "none"), str(tmp_path / "out"), classify)
+
+
+def test_missing_columns_list_what_is_there(classify, shards, tmp_path):
+    with pytest.raises(InputError, match=r"no column 'body' \(--text-column\); available columns: \['id', 'text', 'source'\]"):
+        run(str(shards), str(tmp_path / "out"), Options(**{**classify.__dict__, "text_column": "body"}))
+    with pytest.raises(InputError, match=r"no id column 'doc_id' \(--id-column\)"):
+        run(str(shards), str(tmp_path / "out"), Options(**{**classify.__dict__, "id_column": "doc_id"}))
+    with pytest.raises(InputError, match=r"--keep-columns \['lang'\] not found"):
+        run(str(shards), str(tmp_path / "out"), Options(**{**classify.__dict__, "keep_columns": ("lang",)}))
+
+
+def test_non_string_text_column(classify, tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "text": [3.5, 4.0]}), tmp_path / "in" / "x.parquet")
+    with pytest.raises(InputError, match="column 'text' .*has type double, expected string"):
+        run(str(tmp_path / "in"), str(tmp_path / "out"), classify)
+
+
+def test_task_the_checkpoint_cannot_run(checkpoints, shards, tmp_path):
+    with pytest.raises(TaskError, match="task 'fill-mask' needs a checkpoint with a masked_lm head"):
+        run(str(shards), str(tmp_path / "out"), Options(task="fill-mask", model=str(checkpoints["classifier"])))
+
+
+def test_output_holding_results_needs_overwrite(ray_session, classify, shards, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.parquet").write_bytes(b"earlier results")
+    with pytest.raises(FileExistsError, match="already holds results.*--overwrite"):
+        run(str(shards), str(tmp_path / "out"), classify)
+    assert (tmp_path / "out" / "old.parquet").read_bytes() == b"earlier results"  # nothing lost
+    run(str(shards), str(tmp_path / "out"), classify, overwrite=True)
+    assert not (tmp_path / "out" / "old.parquet").exists()
+
+
+def test_cli_runs_the_same_job(ray_session, checkpoints, shards, tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["classify", "--model", str(checkpoints["classifier"]), "--input", str(shards),
+                 "--output", str(tmp_path / "out"), "--keep-columns", "source", "--logits"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    out = pq.read_table(tmp_path / "out")
+    assert summary["rows"] == out.num_rows == 43
+    assert {"id", "source", "label", "label_id", "score", "probs", "logits", "input_tokens", "truncated"} <= set(out.column_names)

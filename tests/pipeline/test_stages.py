@@ -1,0 +1,141 @@
+"""Stages on plain Arrow tables, no Ray: tokenization, packing, and every task against transformers,
+whatever the micro-batch composition or row order."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import transformers
+
+from pipeline.stages import Infer, InputError, Tokenize, micro_batches, pad
+from pipeline.tasks import TaskError, TaskOptions, make_task
+from tests.pipeline import reference
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def texts(reviews):
+    # long IMDB reviews (truncated at 128 tokens), short ones, an empty and a whitespace-only text
+    return reviews[:14] + ["", "   ", "Fine."]
+
+
+def table(texts, **extra):
+    return pa.table({"id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(texts, pa.string()), **extra})
+
+
+def run_infer(model_dir, task, texts, budget=8192, shuffle_seed=None, **task_options):
+    """Tokenize + Infer on a plain table, optionally in shuffled row order; results sorted back by id."""
+    batch = table(texts)
+    if shuffle_seed is not None:
+        batch = batch.take(np.random.default_rng(shuffle_seed).permutation(batch.num_rows))
+    tokens = Tokenize(str(model_dir))(batch)
+    out = Infer(str(model_dir), task, TaskOptions(**task_options), batch_tokens=budget, device="cpu")(tokens)
+    return out.take(np.argsort(out["id"].to_numpy()))
+
+
+def test_micro_batches_cover_every_row_once_within_budget():
+    lengths = np.random.default_rng(0).integers(3, 200, size=500)
+    groups = micro_batches(lengths, budget=1024)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(500))
+    for g in groups:
+        assert len(g) == 1 or len(g) * lengths[g].max() <= 1024
+    # sorted by length: padding is small
+    padded = sum(len(g) * lengths[g].max() for g in groups)
+    assert padded / lengths.sum() < 1.1
+
+
+def test_pad_gathers_rows_of_a_flat_list_column():
+    values = np.arange(10, dtype=np.int32)
+    offsets = np.array([0, 3, 4, 10])
+    ids, mask = pad(values, offsets, np.array([2, 0]), pad_id=-1)
+    assert ids.tolist() == [[4, 5, 6, 7, 8, 9], [0, 1, 2, -1, -1, -1]]
+    assert mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+
+
+def test_tokenize_matches_reference_and_handles_nulls(checkpoints, texts):
+    directory = checkpoints["classifier"]
+    ref = transformers.AutoTokenizer.from_pretrained(directory)
+    out = Tokenize(str(directory))(table(texts + [None]))
+    assert out["input_ids"].type == pa.list_(pa.int32())
+    expected = ref(texts + [""], truncation=True, max_length=reference.MAX_TOKENS)["input_ids"]
+    assert out["input_ids"].to_pylist() == expected
+    assert out["input_tokens"].to_pylist() == [len(e) for e in expected]
+    assert out["truncated"].to_pylist()[0] == (len(ref(texts[0])["input_ids"]) > reference.MAX_TOKENS)
+    assert "text" not in out.column_names and out["id"].to_pylist() == list(range(len(texts) + 1))
+
+
+def test_tokenize_errors_name_the_column(checkpoints):
+    tokenize = Tokenize(str(checkpoints["classifier"]))
+    with pytest.raises(InputError, match=r"column 'text' not found; available columns: \['id', 'body'\]"):
+        tokenize(pa.table({"id": [1], "body": ["x"]}))
+    with pytest.raises(InputError, match="column 'text' has type int64, expected strings"):
+        tokenize(pa.table({"id": [1], "text": [3]}))
+
+
+@pytest.mark.parametrize("budget, seed", [(8192, None), (300, 1), (64, 2)])
+def test_classify_equals_transformers_for_any_batching(checkpoints, texts, budget, seed):
+    out = run_infer(checkpoints["classifier"], "classify", texts, budget, seed, logits=True)
+    logits = reference.classify(checkpoints["classifier"], texts)
+    np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)), logits, atol=ATOL)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False)), probs, atol=ATOL)
+    labels = ["negative", "neutral", "positive"]
+    assert out["label"].to_pylist() == [labels[i] for i in probs.argmax(1)]
+    assert out["label_id"].to_pylist() == probs.argmax(1).tolist()
+    np.testing.assert_allclose(out["score"].to_numpy(), probs.max(1), atol=ATOL)
+    assert out.schema.field("probs").type == pa.list_(pa.float32(), 3)
+
+
+def test_classify_multi_label_and_regression(checkpoints, texts):
+    out = run_infer(checkpoints["multi_label"], "classify", texts, threshold=0.4)
+    probs = 1 / (1 + np.exp(-reference.classify(checkpoints["multi_label"], texts)))
+    names = np.array(["negative", "neutral", "positive"])
+    assert out["labels"].to_pylist() == [names[p >= 0.4].tolist() for p in probs]
+    out = run_infer(checkpoints["regression"], "classify", texts, budget=200)
+    np.testing.assert_allclose(out["score"].to_numpy(), reference.classify(checkpoints["regression"], texts)[:, 0], atol=ATOL)
+    assert "label" not in out.column_names
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_embed_equals_transformers_mean_pooling(checkpoints, texts, dtype):
+    out = run_infer(checkpoints["base"], "embed", texts, budget=256, shuffle_seed=3, embedding_dtype=dtype)
+    got = np.stack(out["embedding"].to_numpy(zero_copy_only=False))
+    assert got.dtype == np.dtype(dtype) and out.schema.field("embedding").type.list_size == 32
+    np.testing.assert_allclose(got, reference.embed(checkpoints["base"], texts), atol=ATOL if dtype == "float32" else 1e-2)
+
+
+def test_fill_mask_top_k_at_every_mask(checkpoints):
+    texts = ["The movie was <mask>.", "No mask here.", "<mask> acting, <mask> plot and a <mask> ending.", ""]
+    out = run_infer(checkpoints["masked_lm"], "fill-mask", texts, budget=40, shuffle_seed=4, top_k=3)
+    expected = reference.fill_mask(checkpoints["masked_lm"], texts, top_k=3)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoints["masked_lm"])
+    for row, ref_row in zip(out["predictions"].to_pylist(), expected):
+        assert len(row) == len(ref_row)  # one entry per <mask>; rows without a mask: []
+        for predictions, (ids, probs) in zip(row, ref_row):
+            assert [p["token_id"] for p in predictions] == ids
+            assert [p["token"] for p in predictions] == [tokenizer.decode([i]) for i in ids]
+            np.testing.assert_allclose([p["probability"] for p in predictions], probs, atol=ATOL)
+
+
+def test_score_causal_log_likelihood(checkpoints, texts):
+    out = run_infer(checkpoints["causal_lm"], "score", texts, budget=500, shuffle_seed=5)
+    expected = reference.causal_log_likelihood(checkpoints["causal_lm"], texts)
+    np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected], rtol=1e-5, atol=1e-3)
+    assert out["num_tokens"].to_pylist() == [e[1] for e in expected]
+    np.testing.assert_allclose(out["perplexity"].to_numpy(), [np.exp(-ll / n) for ll, n in expected], rtol=1e-4)
+
+
+def test_score_pseudo_log_likelihood(checkpoints, texts):
+    short = [t[:80] for t in texts[:6]] + ["", "Fine."]
+    out = run_infer(checkpoints["masked_lm"], "score", short, budget=300, shuffle_seed=6)
+    expected = reference.pseudo_log_likelihood(checkpoints["masked_lm"], short)
+    np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected], rtol=1e-5, atol=1e-3)
+    assert out["num_tokens"].to_pylist() == [e[1] for e in expected]
+    assert np.isnan(out["perplexity"].to_numpy()[6])  # empty text: nothing to score
+
+
+def test_task_needs_the_right_head(checkpoints):
+    with pytest.raises(TaskError, match=r"task 'fill-mask' needs .*masked_lm.*Tasks this checkpoint supports: \['classify', 'embed'\]"):
+        make_task("fill-mask", str(checkpoints["classifier"])).check()
+    with pytest.raises(TaskError, match="unknown task 'translate'"):
+        make_task("translate", str(checkpoints["classifier"]))
