@@ -45,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"], help="stored embedding dtype")
     fill = tasks.add_parser("fill-mask", parents=[common], help="top-k predictions for every <mask> token")
     fill.add_argument("--top-k", type=int, default=5, help="predictions per mask")
-    tasks.add_parser("score", parents=[common], help="log-likelihood and perplexity (causal LM, or pseudo-LL for masked LM)")
+    score = tasks.add_parser("score", parents=[common], help="log-likelihood and perplexity (causal LM, or pseudo-LL for masked LM)")
+    score.add_argument("--stride", type=int, default=None,
+                       help="score long documents whole with sliding windows advancing N tokens (default: truncate)")
     assert set(tasks.choices) == set(TASKS)
     return p
 

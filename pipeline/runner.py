@@ -33,6 +33,7 @@ from pipeline.stages import Infer, InputError, Tokenize
 from pipeline.tasks import TaskOptions, make_task
 
 DEFAULT_ID = "id"
+NO_TRUNCATION = 2**31 - 1
 ROWS_PER_BLOCK = 1024  # rows per Infer call: more rows sort into tighter micro-batches
 
 
@@ -93,10 +94,12 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
     gpu = use_gpu(options.device)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = options.concurrency or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)
+    # With --stride the score task windows long documents itself: tokenize them whole.
+    max_length = NO_TRUNCATION if options.task_options.stride else options.max_length
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs=dict(model_dir=options.model, text_column=options.text_column,
-                                   pair_column=options.pair_column, max_length=options.max_length),  # fmt: skip
+                                   pair_column=options.pair_column, max_length=max_length),  # fmt: skip
         batch_format="pyarrow",
         batch_size=256,
         concurrency=max(1, cpus // 4) if gpu else 1,

@@ -36,6 +36,7 @@ class TaskOptions:
     normalize: bool = False  # embed: L2-normalise
     embedding_dtype: str = "float32"  # embed: float32 | float16
     top_k: int = 5  # fill-mask: predictions per <mask>
+    stride: int | None = None  # score: slide windows by this many tokens over long documents instead of truncating
 
 
 def checkpoint_heads(model_dir: str | Path) -> set[str]:
@@ -173,13 +174,19 @@ class FillMask(Task):
 
 
 class Score(Task):
-    """Columns log_likelihood (sum over scored tokens, natural log), num_tokens, perplexity.
+    """Columns log_likelihood (sum over scored tokens, natural log), num_tokens (scored tokens),
+    perplexity = exp(-log_likelihood / num_tokens).
 
     Causal-LM checkpoints: every token after <s> is scored given its prefix. Masked-LM checkpoints:
     pseudo-log-likelihood (Salazar et al. 2020): each token between <s> and </s> is masked in turn
     and scored at its position. `method` says which, and goes into the run summary.
-    Neither builds (tokens, V) logits for a whole batch: the LM head runs in chunks over the scored
-    positions only."""
+
+    Long documents are truncated by default. With `stride` they are scored whole: windows of the
+    model's full length advance `stride` tokens and each token is scored once, in the first window
+    that reaches it, with the window's earlier tokens as context (transformers' perplexity recipe;
+    for pseudo-LL the context is the whole window). Windows after the first carry no <s>.
+    Neither method builds (tokens, V) logits for a whole batch: the LM head runs in chunks over the
+    scored positions only."""
 
     name, needs = "score", ("causal_lm", "masked_lm")
     CHUNK = 1024  # scored positions per LM-head call: bounds the (chunk, V) float32 logits
@@ -192,10 +199,56 @@ class Score(Task):
         if self.method == "pseudo":
             self.mask_token_id = RobertaTokenizer.from_pretrained(self.model_dir).mask_token_id
         cls = RobertaForCausalLM if self.method == "causal" else RobertaForMaskedLM
-        return cls.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        model = cls.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        self.window = model.config.max_tokens
+        if self.options.stride is not None and not 0 < self.options.stride < self.window:
+            raise TaskError(f"--stride {self.options.stride}: must be between 1 and the window ({self.window} tokens) minus 1")
+        return model
 
     def cost(self, length):
         return length if self.method == "causal" else length * max(length - 2, 1)
+
+    def windows(self, n: int) -> list[tuple[int, int, int, int]]:
+        """(begin, end, first target, end of targets) per window over a row of n tokens. Targets
+        skip <s> (and, for pseudo-LL, </s>); each target lies in exactly one window."""
+        last = n if self.method == "causal" else n - 1
+        out, begin, done = [], 0, 1
+        while True:
+            end = min(begin + self.window, n)
+            out.append((begin, end, done, max(done, min(end, last))))
+            if end >= n or self.options.stride is None:
+                return out
+            done, begin = end, begin + self.options.stride
+
+    def run(self, model, ids, mask, budget):
+        # One job per window (causal) or per masked copy (pseudo): (row, begin, end, targets).
+        jobs = []
+        for row, n in enumerate(mask.sum(1).tolist()):
+            for begin, end, first, stop in self.windows(n):
+                if self.method == "causal" and stop > first:
+                    jobs.append((row, begin, end, list(range(first, stop))))
+                else:
+                    jobs += [(row, begin, end, [t]) for t in range(first, stop)]
+        lp, rows = [], []
+        for chunk in micro_chunks(jobs, budget):
+            width = max(end - begin for _, begin, end, _ in chunk)
+            window_ids = torch.full((len(chunk), width), model.config.pad_token_id, device=ids.device)
+            window_mask = torch.zeros_like(window_ids)
+            for i, (row, begin, end, targets) in enumerate(chunk):
+                window_ids[i, : end - begin], window_mask[i, : end - begin] = ids[row, begin:end], 1
+            job, at = (torch.tensor(x, device=ids.device) for x in zip(*[(i, t - chunk[i][1]) for i, c in enumerate(chunk) for t in c[3]]))
+            targets = window_ids[job, at]
+            if self.method == "pseudo":
+                window_ids[job, at] = self.mask_token_id  # one target per copy
+            hidden = model.roberta(window_ids, window_mask).last_hidden_state  # (C, W, H)
+            # causal: token t is predicted by the state at t-1; pseudo: by the masked state at t
+            lp.append(self.token_log_probs(model, hidden[job, at - int(self.method == "causal")], targets))
+            rows.append(torch.tensor([chunk[i][0] for i in job.tolist()], device=ids.device))
+        lp = torch.cat(lp) if lp else torch.zeros(0, device=ids.device)
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=ids.device)
+        ll = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add_(0, rows, lp.double())
+        n = torch.bincount(rows, minlength=len(ids))
+        return {"log_likelihood": ll.cpu().numpy(), "num_tokens": n.cpu().numpy()}
 
     def token_log_probs(self, model, hidden, targets):
         """hidden (N, H), targets (N,) -> log p(target) (N,) float32, chunked over N."""
@@ -204,34 +257,6 @@ class Score(Task):
             for i in range(0, len(targets), self.CHUNK)
         ]
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-    def run(self, model, ids, mask, budget):
-        if self.method == "causal":
-            hidden = model.roberta(ids, mask).last_hidden_state  # (B, T, H)
-            scored = mask[:, 1:].bool()  # position t predicts token t+1
-            lp = self.token_log_probs(model, hidden[:, :-1][scored], ids[:, 1:][scored])
-            row = torch.arange(len(ids), device=ids.device)[:, None].expand_as(scored)[scored]
-        else:
-            lp, row = self.pseudo_log_probs(model, ids, mask, budget)
-        ll = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add_(0, row, lp.double())
-        n = torch.bincount(row, minlength=len(ids))
-        return {"log_likelihood": ll.cpu().numpy(), "num_tokens": n.cpu().numpy()}
-
-    def pseudo_log_probs(self, model, ids, mask, budget):
-        """One masked copy per scored token (between <s> and </s>), run in chunks of at most
-        `budget` tokens; the LM head runs only at each copy's masked position."""
-        lengths = mask.sum(1)
-        row = torch.cat([torch.full((int(n) - 2,), i, device=ids.device) for i, n in enumerate(lengths) if n > 2] or [ids.new_zeros(0)])
-        pos = torch.cat([torch.arange(1, int(n) - 1, device=ids.device) for n in lengths if n > 2] or [ids.new_zeros(0)])
-        per_chunk = max(1, budget // ids.shape[1])
-        out = []
-        for i in range(0, len(row), per_chunk):
-            r, p = row[i : i + per_chunk], pos[i : i + per_chunk]
-            copies = ids[r].clone()  # (C, T)
-            copies[torch.arange(len(r)), p] = self.mask_token_id
-            hidden = model.roberta(copies, mask[r]).last_hidden_state[torch.arange(len(r)), p]  # (C, H)
-            out.append(self.token_log_probs(model, hidden, ids[r, p]))
-        return (torch.cat(out) if out else torch.zeros(0, device=ids.device)), row
 
     def columns(self, outputs):
         ll, n = outputs["log_likelihood"], outputs["num_tokens"]
@@ -242,6 +267,19 @@ class Score(Task):
             "num_tokens": pa.array(n, pa.int32()),
             "perplexity": pa.array(ppl, pa.float64()),
         }
+
+
+def micro_chunks(jobs: list, budget: int) -> list[list]:
+    """Consecutive jobs (row, begin, end, targets) cut so that jobs x widest window <= budget tokens."""
+    chunks, current, width = [], [], 0
+    for job in jobs:
+        w = max(width, job[2] - job[1])
+        if current and (len(current) + 1) * w > budget:
+            chunks.append(current)
+            current, w = [], job[2] - job[1]
+        current.append(job)
+        width = w
+    return chunks + ([current] if current else [])
 
 
 def fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:

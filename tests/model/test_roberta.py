@@ -208,3 +208,19 @@ def test_sentence_embedding_pooling(tmp_path):
     close(normed.norm(dim=-1), torch.ones(len(LENGTHS)))
     with pytest.raises(ValueError, match="unknown pooling"):
         ours.sentence_embedding(out, mask, "max")
+
+
+def test_packed_rows_with_block_diagonal_mask_equal_separate_rows(tmp_path):
+    """The padding-free hook: two sequences packed into one row, a 4-D block-diagonal mask and
+    per-sequence position ids give the same states as running each sequence alone."""
+    _, mine = load_pair(tmp_path, "RobertaModel")
+    a, _, _ = padded_batch([6], seed=1)
+    b, _, _ = padded_batch([9], seed=2)
+    packed = torch.cat([a, b], dim=1)  # (1, 15)
+    segment = torch.tensor([0] * 6 + [1] * 9)
+    block = (segment[:, None] == segment[None, :])[None, None]  # (1, 1, 15, 15) True = attend
+    positions = torch.cat([torch.arange(6), torch.arange(9)])[None] + 2  # RoBERTa positions start at pad+1
+    with torch.no_grad():
+        together = mine(packed, block, position_ids=positions).last_hidden_state[0]
+        close(together[:6], mine(a).last_hidden_state[0])
+        close(together[6:], mine(b).last_hidden_state[0])

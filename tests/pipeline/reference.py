@@ -11,14 +11,17 @@ MAX_TOKENS = 128  # the tiny checkpoints have 130 positions: 128 usable
 
 
 def _encode(tokenizer, text, pair=None):
-    return tokenizer(text or "", pair, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    # Batch form even for one row: for a single string transformers drops an empty pair ("" is falsy),
+    # for a batch it keeps it; the pipeline encodes batches, so a pair column value "" stays a pair.
+    return tokenizer([text or ""], None if pair is None else [pair], truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
 
 
 @torch.no_grad()
-def classify(model_dir, texts):
+def classify(model_dir, texts, pairs=None):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return np.stack([model(**_encode(tokenizer, t)).logits[0].numpy() for t in texts])  # (N, num_labels)
+    pairs = pairs or [None] * len(texts)
+    return np.stack([model(**_encode(tokenizer, t, p)).logits[0].numpy() for t, p in zip(texts, pairs)])  # (N, num_labels)
 
 
 @torch.no_grad()
@@ -68,4 +71,28 @@ def pseudo_log_likelihood(model_dir, texts):
             masked[i] = tokenizer.mask_token_id
             total += model(masked[None]).logits[0, i].log_softmax(-1)[ids[i]].item()
         out.append((total, len(ids) - 2))
+    return out
+
+
+@torch.no_grad()
+def causal_log_likelihood_strided(model_dir, texts, stride):
+    """transformers' perplexity recipe (docs: "Perplexity of fixed-length models"): windows of the
+    model's length advance `stride` tokens; each window scores only the tokens no window scored yet."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for t in texts:
+        ids = tokenizer(t)["input_ids"]
+        total, count, prev_end = 0.0, 0, 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + MAX_TOKENS, len(ids))
+            window = torch.tensor(ids[begin:end])[None]
+            lp = model(window).logits[0, :-1].log_softmax(-1).gather(-1, window[0, 1:, None])[:, 0]
+            new = end - max(prev_end, 1)  # tokens not scored yet (never <s>)
+            total += lp[-new:].sum().item() if new > 0 else 0.0
+            count += max(new, 0)
+            prev_end = end
+            if end == len(ids):
+                break
+        out.append((total, count))
     return out

@@ -23,12 +23,12 @@ def table(texts, **extra):
     return pa.table({"id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(texts, pa.string()), **extra})
 
 
-def run_infer(model_dir, task, texts, budget=8192, shuffle_seed=None, **task_options):
+def run_infer(model_dir, task, texts, budget=8192, shuffle_seed=None, pairs=None, **task_options):
     """Tokenize + Infer on a plain table, optionally in shuffled row order; results sorted back by id."""
-    batch = table(texts)
+    batch = table(texts, **({"hypothesis": pa.array(pairs, pa.string())} if pairs else {}))
     if shuffle_seed is not None:
         batch = batch.take(np.random.default_rng(shuffle_seed).permutation(batch.num_rows))
-    tokens = Tokenize(str(model_dir))(batch)
+    tokens = Tokenize(str(model_dir), pair_column="hypothesis" if pairs else None)(batch)
     out = Infer(str(model_dir), task, TaskOptions(**task_options), batch_tokens=budget, device="cpu")(tokens)
     return out.take(np.argsort(out["id"].to_numpy()))
 
@@ -86,6 +86,14 @@ def test_classify_equals_transformers_for_any_batching(checkpoints, texts, budge
     assert out.schema.field("probs").type == pa.list_(pa.float32(), 3)
 
 
+def test_classify_text_pairs(checkpoints, texts):
+    """NLI / cross-encoder input: both texts in one sequence, longest_first truncation as the reference."""
+    pairs = ["It was great.", "", "A long hypothesis " * 30] * 6
+    out = run_infer(checkpoints["classifier"], "classify", texts, budget=256, shuffle_seed=7, pairs=pairs[: len(texts)], logits=True)
+    expected = reference.classify(checkpoints["classifier"], texts, pairs[: len(texts)])
+    np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)), expected, atol=ATOL)
+
+
 def test_classify_multi_label_and_regression(checkpoints, texts):
     out = run_infer(checkpoints["multi_label"], "classify", texts, threshold=0.4)
     probs = 1 / (1 + np.exp(-reference.classify(checkpoints["multi_label"], texts)))
@@ -123,6 +131,19 @@ def test_score_causal_log_likelihood(checkpoints, texts):
     np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected], rtol=1e-5, atol=1e-3)
     assert out["num_tokens"].to_pylist() == [e[1] for e in expected]
     np.testing.assert_allclose(out["perplexity"].to_numpy(), [np.exp(-ll / n) for ll, n in expected], rtol=1e-4)
+
+
+def test_score_long_documents_with_stride(checkpoints, texts):
+    long = [t for t in texts if len(t) > 1500][:4] + ["Short one."]
+    batch = table(long)
+    tokens = Tokenize(str(checkpoints["causal_lm"]), max_length=10**9)(batch)
+    assert max(tokens["input_tokens"].to_pylist()) > 2 * reference.MAX_TOKENS  # several windows
+    out = Infer(str(checkpoints["causal_lm"]), "score", TaskOptions(stride=48), batch_tokens=400, device="cpu")(tokens)
+    expected = reference.causal_log_likelihood_strided(checkpoints["causal_lm"], long, stride=48)
+    assert out["num_tokens"].to_pylist() == [n - 1 for n in tokens["input_tokens"].to_pylist()] == [e[1] for e in expected]
+    np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected], rtol=1e-5, atol=1e-3)
+    with pytest.raises(TaskError, match="--stride 200"):
+        Infer(str(checkpoints["causal_lm"]), "score", TaskOptions(stride=200), device="cpu")
 
 
 def test_score_pseudo_log_likelihood(checkpoints, texts):
