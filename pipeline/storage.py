@@ -26,7 +26,8 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """The same filesystem as pyarrow (and so Ray Data) takes it."""
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
@@ -40,15 +41,14 @@ def parquet_files(uri: str | list[str], storage_options: dict | None = None) -> 
     files = []
     for u in uris:
         _, path = filesystem(u, storage_options)
-        if any(ch in path for ch in "*?["):
-            matches = fs.glob(path)
-        elif fs.isdir(path):
-            matches = [p for p in fs.find(path) if not posixpath.basename(p).startswith(("_", "."))]
+        if any(ch in path for ch in "*?[") or fs.isdir(path):
+            # Like pyarrow's dataset discovery: files starting with _ or . (markers, summaries) are not data.
+            found = fs.glob(path) if any(ch in path for ch in "*?[") else fs.find(path)
+            matches = [p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))]
         elif fs.exists(path):
             matches = [path]
         else:
             raise FileNotFoundError(f"input {u} does not exist")
-        matches = [m for m in matches if m.endswith(".parquet") or m == path]
         if not matches:
             raise FileNotFoundError(f"input {u} holds no .parquet files")
         files += sorted(matches)
