@@ -111,8 +111,8 @@ def end_to_end(model_dir: Path, texts: list[str], workdir: Path, dtype: str, bat
     pq.write_table(pa.table({"id": np.arange(len(texts)), "text": texts}), workdir / "in" / "part-0.parquet")
     cmd = [sys.executable, "-m", "jobs.cli", "classify", "--model", str(model_dir), "--input", str(workdir / "in"),
            "--output", str(workdir / "out"), "--overwrite", "--dtype", dtype, "--batch-tokens", str(batch_tokens)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    summary = json.loads((workdir / "out" / "_summary.json").read_text())
     out = pq.read_table(workdir / "out").sort_by("id")
     return {"tokens_per_s": summary["tokens_per_second"], "wall_s": summary["wall_seconds"], "tokens": summary["tokens"],
             "ray_start_s": summary["ray_start_seconds"], "probs": np.stack(out["probs"].to_numpy(zero_copy_only=False))}  # fmt: skip
