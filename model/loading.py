@@ -78,7 +78,7 @@ def _lookup(table, module_path: str) -> tuple[bool, str | None]:
     for pattern, target in table:
         m = pattern.match(module_path)
         if m:
-            return True, (None if target is None else target.replace("{}", m.group(1)) if m.groups() else target)
+            return True, target.replace("{}", m.group(1)) if target and m.groups() else target
     return False, None
 
 
@@ -180,7 +180,7 @@ def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
                 known, ours = our_key(key, config.body_prefix)
                 if not known:
                     unexpected.append(key)
-                if ours is None or ours not in expected and _optional(ours):
+                if ours is None or (ours not in expected and _optional(ours)):  # dropped by design
                     continue
                 if ours not in expected:
                     unexpected.append(key)
