@@ -102,7 +102,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
                                    pair_column=options.pair_column, max_length=max_length),  # fmt: skip
         batch_format="pyarrow",
         batch_size=256,
-        concurrency=max(1, cpus // 4) if gpu else 1,
+        compute=ray.data.ActorPoolStrategy(size=max(1, cpus // 4) if gpu else 1),
         num_cpus=0.125,
     )
     return ds.map_batches(
@@ -112,7 +112,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
                                    batch_tokens=options.batch_tokens, threads=None if gpu else max(1, cpus // actors)),  # fmt: skip
         batch_format="pyarrow",
         batch_size=ROWS_PER_BLOCK,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpu else 0,
         num_cpus=1 if gpu else 0.25,
     )
