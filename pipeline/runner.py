@@ -79,9 +79,10 @@ def init_ray(address: str | None = None) -> float:
         return 0.0
     start = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False) if address else ray.init(
-        num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False
-    )
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return time.perf_counter() - start
 
 
@@ -109,7 +110,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
         Infer,
         fn_constructor_kwargs=dict(model_dir=options.model, task=options.task, options=options.task_options,
                                    dtype=options.dtype, device="cuda" if gpu else "cpu",
-                                   batch_tokens=options.batch_tokens, threads=None if gpu else max(1, cpus // actors)),  # fmt: skip
+                                   batch_tokens=options.batch_tokens),  # fmt: skip
         batch_format="pyarrow",
         batch_size=ROWS_PER_BLOCK,
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -86,9 +86,9 @@ class Infer:
     token budget, run, and put back in their original order. The model loads once per actor."""
 
     def __init__(self, model_dir: str, task: str, options: TaskOptions | None = None, dtype: str = "float32",
-                 device: str = "auto", batch_tokens: int = 8192, threads: int | None = None):  # fmt: skip
-        if threads:
-            torch.set_num_threads(threads)
+                 device: str = "auto", batch_tokens: int = 8192):  # fmt: skip
+        # torch's own thread count is the cores of the node this actor landed on: right for one
+        # CPU actor per node, whatever the cluster's total.
         self.device = resolve_device(device)
         self.task: Task = make_task(task, model_dir, options)
         self.model = self.task.load(dtype, self.device)
