@@ -29,7 +29,7 @@ import ray
 
 from model import RobertaTokenizer
 from pipeline import storage
-from pipeline.stages import Infer, InputError, Tokenize
+from pipeline.stages import Infer, InputError, Tokenize, is_text
 from pipeline.tasks import TaskOptions, make_task
 
 DEFAULT_ID = "id"
@@ -133,7 +133,7 @@ def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
             continue
         if name not in names:
             raise InputError(f"{source}: no column {name!r} ({role}); available columns: {names}")
-        if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
+        if not is_text(schema.field(name).type):
             raise InputError(f"{source}: column {name!r} ({role}) has type {schema.field(name).type}, expected string")
     missing = [c for c in options.keep_columns if c not in names]
     if missing:
@@ -151,7 +151,8 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     task = make_task(options.task, options.model, options.task_options)
     task.check()
     fs, files = storage.parquet_files(input, storage_options)
-    dataset = pads.dataset(files, filesystem=storage.arrow_filesystem(fs), format="parquet")
+    in_fs = storage.arrow_filesystem(fs)
+    dataset = pads.dataset(files, filesystem=in_fs, format="parquet")
     derive_id = check_schema(dataset.schema, options, files[0])
     if dataset.count_rows() == 0:
         raise InputError(f"input {input} holds no rows ({len(files)} Parquet file(s), all empty)")
@@ -161,7 +162,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     start = time.perf_counter()
     columns = [options.text_column, options.pair_column, *options.keep_columns] + ([] if derive_id else [options.id_column])
     ds = ray.data.read_parquet(
-        files, filesystem=storage.arrow_filesystem(fs), columns=list(dict.fromkeys(c for c in columns if c)),
+        files, filesystem=in_fs, columns=list(dict.fromkeys(c for c in columns if c)),
         include_row_hash=derive_id, num_cpus=0.25,
     )  # fmt: skip
     if derive_id:
@@ -182,7 +183,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         wall_seconds=round(wall, 3),
         tokens_per_second=round(tokens / wall, 1),
         ray_start_seconds=round(ray_start, 3),
-        method=getattr(task, "method", None) if options.task == "score" else None,
+        method=getattr(task, "method", None),
     )
     storage.write_summary(out_fs, out_path, summary.to_dict())
     return summary

@@ -21,12 +21,16 @@ class InputError(ValueError):
     """Input data the pipeline cannot process; the message names the column and what to do."""
 
 
+def is_text(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+
+
 def text_column(batch: pa.Table, name: str) -> list[str]:
     """The column as Python strings, nulls as "" (processed like empty texts and counted as such)."""
     if name not in batch.column_names:
         raise InputError(f"column {name!r} not found; available columns: {batch.column_names}")
     column = batch[name]
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not is_text(column.type):
         raise InputError(
             f"column {name!r} has type {column.type}, expected strings; pass --text-column with the column that holds the text"
         )

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from model import RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
 from model.roberta import sentence_embedding
@@ -92,8 +91,8 @@ class Classify(Task):
     name, needs = "classify", ("classifier",)
 
     def load(self, dtype, device):
-        self.model = RobertaForSequenceClassification.from_pretrained(self.model_dir, dtype=dtype, device=device)
-        config = self.model.config
+        model = RobertaForSequenceClassification.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        config = model.config
         if config.num_labels == 1 or config.problem_type == "regression":
             self.kind = "regression"
         elif config.problem_type == "multi_label_classification":
@@ -101,7 +100,7 @@ class Classify(Task):
         else:
             self.kind = "single_label"
         self.id2label = config.id2label
-        return self.model
+        return model
 
     def run(self, model, ids, mask, budget):
         return {"logits": model(ids, mask).logits.float().cpu().numpy()}  # (B, num_labels)
