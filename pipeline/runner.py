@@ -1,13 +1,15 @@
 """Wires the stages into Ray Data and runs a job. Every Ray setting of the project lives here.
 
-    read_parquet -> Tokenize (CPU actors) -> Infer (GPU actors, or CPU) -> write_parquet
+    read_parquet -> Tokenize (CPU actors) -> Infer (GPU actors, or CPU) -> write pieces -> commit per shard
 
 Choices a user may want to know:
 - Output rows map one-to-one to input rows and carry the id column. When the input has no id
   column (and --id-column was left at its default), the id is Ray Data's `row_hash`: a uint64 of
   the file path and the row's position in the file, stable across reruns over the same paths.
-- Every output also carries `input_tokens` (tokens the model saw, specials included) and
-  `truncated`; the run summary is computed from the written output, so it counts what was written.
+- Every job is resumable and incremental, exactly once per input row: see pipeline/shards.py.
+- Every output also carries `input_tokens` (tokens the model saw, specials included), `truncated`
+  and `error` (null, or why the row failed: its task columns are then null). The run summary is
+  computed from the commit markers, so it counts what was written.
 - Null texts are processed as empty strings; the summary counts rows whose text produced no tokens.
 - Ray resources are logical reservations, not thread limits: a tokenizer actor reserves 1/8 CPU,
   a CPU inference actor 1/4 CPU (its torch threads still use the node's cores), a GPU inference
@@ -18,21 +20,28 @@ Choices a user may want to know:
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
 from model import RobertaTokenizer
-from pipeline import storage
+from pipeline import shards, storage
 from pipeline.stages import Infer, InputError, Tokenize, is_text
+from pipeline.storage import Shard
 from pipeline.tasks import TaskOptions, make_task
 
 DEFAULT_ID = "id"
+PATH = "path"  # Ray Data's column naming each row's input file (include_paths)
 NO_TRUNCATION = 2**31 - 1
 ROWS_PER_BLOCK = 1024  # rows per Infer call: more rows sort into tighter micro-batches
 
@@ -57,16 +66,27 @@ class Options:
 
 @dataclass
 class Summary:
+    """The run report, also written to OUTPUT/_summary.json. Counts cover the whole output for the
+    current input (finished shards of earlier runs included); `*_run` and the speed cover this run."""
+
     task: str
     output: str
     rows: int
     tokens: int
     truncated_rows: int
     empty_texts: int
+    failed_rows: int  # rows with an `error` (their task columns are null)
+    duplicate_ids: int  # rows whose id another row of the output also has
+    shards: int
+    shards_run: int  # new, changed or unfinished shards processed by this run
+    shards_reused: int  # finished by an earlier run and left as they were
+    rows_run: int
     wall_seconds: float
-    tokens_per_second: float
+    tokens_per_second: float  # tokens of this run's rows / wall_seconds
     ray_start_seconds: float
     method: str | None = None  # score: "causal" or "pseudo" (pseudo-log-likelihood)
+    skipped_files: list[dict] = field(default_factory=list)  # --skip-bad-files: {file, error}
+    abandoned_files: list[str] = field(default_factory=list)  # a killed attempt's, deleted before running
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +158,8 @@ def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
     missing = [c for c in options.keep_columns if c not in names]
     if missing:
         raise InputError(f"{source}: --keep-columns {missing} not found; available columns: {names}")
+    if PATH in (options.text_column, options.pair_column, options.id_column, *options.keep_columns):
+        raise InputError(f"{source}: the column name {PATH!r} is reserved for the input path; rename that column")
     if options.id_column in names:
         return False
     if options.id_column != DEFAULT_ID:
@@ -145,45 +167,168 @@ def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
     return True
 
 
+def read_footers(fs, pending: list[Shard], skip_bad_files: bool) -> tuple[dict[Shard, pq.FileMetaData], list[dict]]:
+    """Row count and schema of each shard to run, read from its footer (concurrently: S3 round trips).
+    A file that is not readable Parquet is a clear error, or with --skip-bad-files a report entry."""
+
+    def footer(shard: Shard):
+        try:
+            with fs.open(shard.path, "rb") as f:
+                return pq.ParquetFile(f).metadata
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
+            return e
+
+    with ThreadPoolExecutor(16) as pool:
+        footers = dict(zip(pending, pool.map(footer, pending)))
+    bad = {s: e for s, e in footers.items() if isinstance(e, Exception)}
+    if bad and not skip_bad_files:
+        shard, error = next(iter(bad.items()))
+        raise InputError(f"{shard.path}: not a readable Parquet file ({type(error).__name__}: {error}); "
+                         f"{len(bad)} such file(s). Replace or remove it, or pass --skip-bad-files to run without it")  # fmt: skip
+    skipped = [{"file": s.path, "error": f"{type(e).__name__}: {e}"} for s, e in bad.items()]
+    return {s: m for s, m in footers.items() if s not in bad}, skipped
+
+
+def check_shards(footers: dict[Shard, pq.FileMetaData], options: Options) -> bool:
+    """Every shard must give the job the same columns with the same types (mixed schemas are named,
+    never silently cast). Returns whether the id must be derived."""
+    first, derive_id, types = None, None, None
+    for shard, meta in footers.items():
+        schema = meta.schema.to_arrow_schema()
+        derives = check_schema(schema, options, shard.path)
+        used = [c for c in job_columns(options) if c in schema.names]
+        shard_types = {c: schema.field(c).type for c in used}
+        if first is None:
+            first, derive_id, types = shard, derives, shard_types
+        elif derives != derive_id or shard_types != types:
+            raise InputError(f"mixed schemas: {shard.path} gives columns {shard_types} but {first.path} gives {types}; "
+                             "every shard must have the same columns with the same types")  # fmt: skip
+    return bool(derive_id)
+
+
+def job_columns(options: Options) -> list[str]:
+    columns = [options.id_column, options.text_column, options.pair_column, *options.keep_columns]
+    return list(dict.fromkeys(c for c in columns if c))
+
+
+def settings(options: Options) -> dict:
+    """What, besides the model files, changes the results: recorded in every commit marker."""
+    return {k: v for k, v in asdict(options).items() if k not in ("model", "batch_tokens", "device", "concurrency")}
+
+
 def run(input: str | list[str], output: str, options: Options, overwrite: bool = False,
-        storage_options: dict | None = None, address: str | None = None) -> Summary:  # fmt: skip
-    """Run one job: Parquet in, Parquet out, summary JSON next to the output. Used by CLI and jobs."""
+        storage_options: dict | None = None, address: str | None = None, skip_bad_files: bool = False,
+        max_failed_fraction: float = 0.01) -> Summary:  # fmt: skip
+    """Run one job, Parquet in, Parquet out, exactly once per input row (see pipeline/shards.py):
+    shards finished by an earlier run with the same model and settings are reused, the rest run.
+    A run that fails any number of rows above `max_failed_fraction` stops with an error."""
     task = make_task(options.task, options.model, options.task_options)
     task.check()
-    fs, files = storage.parquet_files(input, storage_options)
-    in_fs = storage.arrow_filesystem(fs)
-    dataset = pads.dataset(files, filesystem=in_fs, format="parquet")
-    derive_id = check_schema(dataset.schema, options, files[0])
-    if dataset.count_rows() == 0:
-        raise InputError(f"input {input} holds no rows ({len(files)} Parquet file(s), all empty)")
-    out_fs, out_path = storage.prepare_output(output, overwrite, storage_options)
+    fs, inputs = storage.parquet_files(input, storage_options)
+    out = shards.Output(output, storage_options)
+    out.check_ours(overwrite)
+    job = {"model": shards.model_digest(options.model), "settings": settings(options)}
+    with shards.Lease(out) as lease:
+        if overwrite:
+            out.clear()
+        markers = out.markers()
+        for marker in markers.values():
+            if {"model": marker["model"], "settings": marker["settings"]} != job:
+                raise FileExistsError(f"output {output} holds results of another model or other settings ({marker['output'] or marker['input']} "
+                                      f"was made with {marker['settings']}, model sha256 {marker['model'][:12]}); they are never mixed: "
+                                      "choose a new --output, or pass --overwrite to replace them")  # fmt: skip
+        finished = {m["key"]: m for m in markers.values()}
+        pending = [s for s in inputs if not is_finished(s, finished.get(shards.shard_key(s.path)))]
+        abandoned = out.clean(markers)
+        footers, skipped = read_footers(fs, pending, skip_bad_files)
+        if not markers and footers and sum(m.num_rows for m in footers.values()) == 0:
+            raise InputError(f"input {input} holds no rows ({len(inputs)} Parquet file(s), all empty)")
+        start = time.perf_counter()
+        ray_start, method = 0.0, getattr(task, "method", None)
+        if any(m.num_rows for m in footers.values()):
+            ray_start = init_ray(address)
+            start = time.perf_counter()
+        new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction)
+        wall = time.perf_counter() - start
+        finished.update({m["key"]: m for m in new})
+        current = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
+        totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
+        if new:
+            totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column)
+        tokens_run = sum(m["counts"]["tokens"] for m in new)
+        summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
+                          truncated_rows=totals.get("truncated_rows", 0), empty_texts=totals.get("empty_texts", 0),
+                          failed_rows=totals.get("failed_rows", 0), duplicate_ids=totals.get("duplicate_ids", 0),
+                          shards=len(inputs), shards_run=len(new), shards_reused=len(current) - len(new),
+                          rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
+                          tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
+                          ray_start_seconds=round(ray_start, 3), method=method, skipped_files=skipped,
+                          abandoned_files=abandoned)  # fmt: skip
+        out.put(out.join(storage.SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode())
+    return summary
 
-    ray_start = init_ray(address)
-    start = time.perf_counter()
-    columns = [options.text_column, options.pair_column, *options.keep_columns] + ([] if derive_id else [options.id_column])
-    ds = ray.data.read_parquet(
-        files, filesystem=in_fs, columns=list(dict.fromkeys(c for c in columns if c)),
-        include_row_hash=derive_id, num_cpus=0.25,
-    )  # fmt: skip
+
+def is_finished(shard: Shard, marker: dict | None) -> bool:
+    return marker is not None and marker["input"] == shard.path and (marker["size"], marker["version"]) == (shard.size, shard.version)
+
+
+def run_shards(fs, footers: dict[Shard, pq.FileMetaData], out: shards.Output, options: Options, marker: dict,
+               lease: shards.Lease, storage_options: dict | None, max_failed_fraction: float) -> list[dict]:  # fmt: skip
+    """Stream the shards through the pipeline and commit each as soon as all its rows are written.
+    Commits run on driver threads (I/O bound) while inference goes on. Returns the new markers."""
+    specials = empty_text_tokens(options)
+    by_key = {shards.shard_key(s.path): s for s in footers}
+    expected = {k: footers[s].num_rows for k, s in by_key.items()}
+    commit = partial(out.commit, marker=marker, id_column=options.id_column, special_tokens=specials)
+    with ThreadPoolExecutor(4) as pool:
+        commits = [pool.submit(commit, s, []) for s in footers if footers[s].num_rows == 0]
+        todo = [s for s in footers if footers[s].num_rows]
+        if todo:
+            derive_id = check_shards({s: footers[s] for s in todo}, options)
+            pieces, seen, failed = defaultdict(list), Counter(), 0
+            for batch in pieces_dataset(fs, todo, out, options, derive_id, storage_options, lease.run).iter_batches(
+                    batch_format="pyarrow", batch_size=None):  # fmt: skip
+                for key, piece, rows, bad in zip(*(batch[c].to_pylist() for c in ("shard", "piece", "rows", "failed"))):
+                    pieces[key].append(piece)
+                    seen[key] += rows
+                    failed += bad
+                    if seen[key] == expected[key]:
+                        lease.check()
+                        commits.append(pool.submit(commit, by_key[key], pieces.pop(key)))
+                check_failures(failed, sum(seen.values()), max_failed_fraction, final=False)
+            check_failures(failed, sum(seen.values()), max_failed_fraction, final=True)
+        return [c.result() for c in commits]
+
+
+MIN_ROWS_TO_STOP_EARLY = 1000  # fewer rows than this say little about the failure rate
+
+
+def check_failures(failed: int, rows: int, max_fraction: float, final: bool) -> None:
+    if failed > max_fraction * rows and (final or rows >= MIN_ROWS_TO_STOP_EARLY):
+        raise InputError(f"{failed} of {rows} rows failed ({failed / rows:.1%} > --max-failed-fraction {max_fraction}); "
+                         "finished shards are committed with each failure in their `error` column: read those to see "
+                         "what went wrong, fix the input, and rerun")  # fmt: skip
+
+
+def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, derive_id: bool,
+                   storage_options: dict | None, run: str) -> ray.data.Dataset:  # fmt: skip
+    """read_parquet -> Tokenize -> Infer -> write pieces: a dataset of (shard, piece, rows, failed)."""
+    columns = [c for c in job_columns(options) if not (derive_id and c == options.id_column)]
+    ds = ray.data.read_parquet([s.path for s in todo], filesystem=storage.arrow_filesystem(fs),
+                               columns=columns, include_paths=True, include_row_hash=derive_id, num_cpus=0.25)  # fmt: skip
     if derive_id:
         ds = ds.rename_columns({"row_hash": options.id_column})
-    build(ds, options).write_parquet(out_path, filesystem=storage.arrow_filesystem(out_fs), ray_remote_args={"num_cpus": 0.25})
-    wall = time.perf_counter() - start
+    return build(ds, options).map_batches(
+        shards.write_pieces, fn_kwargs=dict(output=out.uri, storage_options=storage_options, run=run, path_column=PATH),
+        batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+    )  # fmt: skip
 
-    written = pq.ParquetDataset(out_path, filesystem=storage.arrow_filesystem(out_fs)).read(columns=["input_tokens", "truncated"])
-    tokens = int(pa.compute.sum(written["input_tokens"]).as_py() or 0)
-    specials = empty_text_tokens(options)
-    summary = Summary(
-        task=options.task,
-        output=output,
-        rows=written.num_rows,
-        tokens=tokens,
-        truncated_rows=int(pa.compute.sum(written["truncated"]).as_py() or 0),
-        empty_texts=int(pa.compute.sum(pa.compute.less_equal(written["input_tokens"], specials)).as_py() or 0),
-        wall_seconds=round(wall, 3),
-        tokens_per_second=round(tokens / wall, 1),
-        ray_start_seconds=round(ray_start, 3),
-        method=getattr(task, "method", None),
-    )
-    storage.write_summary(out_fs, out_path, summary.to_dict())
-    return summary
+
+def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str) -> int:
+    """Rows whose id another row also has, over the whole output. Reads the id column only
+    (about 8 bytes per row for integer ids); within-shard counts are in each marker."""
+    files = [out.join(m["output"]) for m in markers if m["output"]]
+    if not files:
+        return 0
+    ids = pads.dataset(files, filesystem=out.arrow_fs, format="parquet").to_table(columns=[id_column])[id_column]
+    return len(ids) - pc.count_distinct(ids).as_py()

@@ -6,8 +6,8 @@ botocore) or `storage_options` passed by the caller. They are never logged or wr
 
 from __future__ import annotations
 
-import json
 import posixpath
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow.fs as pafs
@@ -24,48 +24,48 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     return fs, path
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """The same filesystem as pyarrow (and so Ray Data) takes it."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
+    if is_local(fs):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def parquet_files(uri: str | list[str], storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+@dataclass(frozen=True)
+class Shard:
+    """One input Parquet file. `version` (the ETag on object stores, the mtime locally) changes
+    whenever the file is rewritten; with the size it tells a changed shard from a finished one."""
+
+    path: str  # as the filesystem names it, without the scheme
+    size: int
+    version: str
+
+
+def parquet_files(uri: str | list[str], storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[Shard]]:
     """Every Parquet file named by a path, directory, glob or list of them; a clear error when none."""
     uris = [uri] if isinstance(uri, str) else list(uri)
     if not uris:
         raise FileNotFoundError("no input given: pass --input with a Parquet file, directory, glob or s3:// prefix")
     fs, _ = filesystem(uris[0], storage_options)
-    files = []
+    shards = {}
     for u in uris:
         _, path = filesystem(u, storage_options)
         if any(ch in path for ch in "*?[") or fs.isdir(path):
             # Like pyarrow's dataset discovery: files starting with _ or . (markers, summaries) are not data.
-            found = fs.glob(path) if any(ch in path for ch in "*?[") else fs.find(path)
-            matches = [p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))]
+            found = fs.glob(path, detail=True) if any(ch in path for ch in "*?[") else fs.find(path, detail=True)
+            matches = {p: info for p, info in found.items()
+                       if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")) and info["type"] == "file"}  # fmt: skip
         elif fs.exists(path):
-            matches = [path]
+            matches = {path: fs.info(path)}
         else:
             raise FileNotFoundError(f"input {u} does not exist")
         if not matches:
             raise FileNotFoundError(f"input {u} holds no .parquet files")
-        files += sorted(matches)
-    return fs, files
-
-
-def prepare_output(uri: str, overwrite: bool, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Refuse to mix results with an earlier run's: an output holding files needs --overwrite."""
-    fs, path = filesystem(uri, storage_options)
-    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
-        if not overwrite:
-            raise FileExistsError(f"output {uri} already holds results; choose a new --output or pass --overwrite to replace them")
-        fs.rm(path, recursive=True)
-    fs.makedirs(path, exist_ok=True)
-    return fs, path
-
-
-def write_summary(fs: fsspec.AbstractFileSystem, path: str, summary: dict) -> None:
-    with fs.open(posixpath.join(path, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+        for p in sorted(matches):
+            info = matches[p]
+            shards[p] = Shard(p, int(info["size"]), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
+    return fs, list(shards.values())

@@ -1,4 +1,4 @@
-"""Input listing and output preparation on the local filesystem (S3 runs through the same fsspec
+"""Input listing on the local filesystem (S3 runs through the same fsspec
 calls: tests/pipeline/test_s3.py)."""
 
 import pyarrow as pa
@@ -18,12 +18,14 @@ def tree(tmp_path):
 
 
 def test_directory_glob_file_and_list(tree):
-    _, files = storage.parquet_files(str(tree / "a"))
-    assert [f.rsplit("/", 1)[1] for f in files] == ["part-0.parquet", "part-1.parquet"]  # _ and . files skipped
-    _, files = storage.parquet_files(str(tree / "*" / "*.parquet"))
-    assert len(files) == 3
-    _, files = storage.parquet_files([str(tree / "a" / "part-1.parquet"), str(tree / "b")])
-    assert [f.rsplit("/", 1)[1] for f in files] == ["part-1.parquet", "x.parquet"]
+    _, shards = storage.parquet_files(str(tree / "a"))
+    assert [s.path.rsplit("/", 1)[1] for s in shards] == ["part-0.parquet", "part-1.parquet"]  # _ and . files skipped
+    assert shards[0].size == (tree / "a" / "part-0.parquet").stat().st_size and shards[0].version
+    _, shards = storage.parquet_files(str(tree / "*" / "*.parquet"))
+    assert len(shards) == 3
+    _, shards = storage.parquet_files([str(tree / "a" / "part-1.parquet"), str(tree / "b"), str(tree / "a")])
+    names = [s.path.rsplit("/", 1)[1] for s in shards]
+    assert names == ["part-1.parquet", "x.parquet", "part-0.parquet"]  # a file named twice is one shard
 
 
 def test_missing_and_empty_inputs(tree):
@@ -34,13 +36,3 @@ def test_missing_and_empty_inputs(tree):
         storage.parquet_files(str(tree / "empty"))
     with pytest.raises(FileNotFoundError, match="no input given"):
         storage.parquet_files([])
-
-
-def test_prepare_output_refuses_then_replaces(tree):
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        storage.prepare_output(str(tree / "a"), overwrite=False)
-    assert (tree / "a" / "part-0.parquet").exists()
-    storage.prepare_output(str(tree / "a"), overwrite=True)
-    assert list((tree / "a").iterdir()) == []
-    storage.prepare_output(str(tree / "new" / "out"), overwrite=False)  # created, empty dir is fine to reuse
-    storage.prepare_output(str(tree / "new" / "out"), overwrite=False)

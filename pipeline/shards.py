@@ -1,0 +1,279 @@
+"""Exactly once, resumable and incremental: one output file and one commit marker per input shard.
+
+An output (a local directory or an s3:// prefix) holds:
+
+    <input stem>-<key>.parquet    the results of one input shard (key: sha1 of the input path)
+    _manifest/<key>.json          its commit marker: the input's path, size and version, the job's
+                                  fingerprint (model files and settings) and the shard's counts
+    _staging/<run>/...            pieces of shards in flight (Parquet readers skip `_` paths)
+    _lock.json                    the lease of the job writing this output
+    _summary.json                 the report of the last successful run
+
+Inference writes each block's results as a piece under _staging and tells the driver; once the
+driver has heard of every row of a shard (row counts come from the Parquet footers), it merges the
+pieces into the shard's file, written atomically (locally a temporary file renamed into place; on
+S3 one object, which appears only when its upload completes), then writes the marker. So:
+
+- a reader sees whole files only; rows of an unfinished shard are never in the output, and a file
+  left without a marker by a killed attempt is deleted by the next run before it starts;
+- rerunning the same command (after a killed driver, a lost node, a storage outage) skips shards
+  whose marker matches and redoes the rest: finished shards are reused, in-flight ones recomputed;
+- a scheduled rerun processes only new or changed shards (size or version differ), and a marker
+  from another model or other settings makes the job refuse instead of mixing results.
+
+Why not Ray Data's checkpointing (`ray.data.checkpoint.CheckpointConfig`, beta in Ray 2.60), which
+we evaluated: it records the row ids written, not input shards, so a rewritten shard whose ids did
+not change (always so for derived ids: file path + row number) would be skipped, and its old rows
+could not be replaced because its output files mix shards; it writes data files in place, so a
+reader can see a half-written local file; and the id column must keep one name from read to write,
+which our derived id does not. Adding those guarantees on top of it would take more code than this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.storage import Shard
+
+MANIFEST, STAGING, LOCK = "_manifest", "_staging", "_lock.json"
+OWN_ENTRIES = {MANIFEST, STAGING, LOCK, storage.SUMMARY_FILE}
+
+
+class OutputLocked(RuntimeError):
+    """Another job holds (or took over) the lease on this output."""
+
+
+def shard_key(path: str) -> str:
+    return hashlib.sha1(path.encode()).hexdigest()[:16]
+
+
+def output_name(path: str) -> str:
+    """The result file of an input shard: named after the input file, never after row values."""
+    return f"{posixpath.basename(path).removesuffix('.parquet')}-{shard_key(path)}.parquet"
+
+
+def model_digest(model_dir: str) -> str:
+    """sha256 over every file of the checkpoint directory (weights, config, tokenizer)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def failed_rows(table: pa.Table) -> int:
+    """Rows whose `error` is set (their task columns are null)."""
+    return table.num_rows - table["error"].null_count
+
+
+class Output:
+    """The output location: commit markers, atomic writes and the clean-up of abandoned attempts."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri
+        self.fs, self.path = storage.filesystem(uri, storage_options)
+        self.arrow_fs = storage.arrow_filesystem(self.fs)
+        self.local = storage.is_local(self.fs)
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def entries(self) -> list[str]:
+        if not self.fs.exists(self.path):
+            return []
+        if not self.fs.isdir(self.path):
+            return [self.path]
+        return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)]
+
+    def check_ours(self, overwrite: bool) -> None:
+        """Refuse to write into a location holding anything but results of this pipeline."""
+        foreign = [e for e in self.entries() if e not in OWN_ENTRIES]
+        if foreign and MANIFEST not in self.entries() and not overwrite:
+            raise FileExistsError(f"output {self.uri} already holds results ({len(foreign)} entries, e.g. {foreign[0]!r}) "
+                                  "that this pipeline did not write; choose a new --output or pass --overwrite to replace them")  # fmt: skip
+
+    def clear(self) -> None:
+        """--overwrite: delete everything but the lease this job holds."""
+        for entry in self.entries():
+            if entry != LOCK:
+                self.fs.rm(self.join(entry), recursive=True)
+
+    def put(self, path: str, data: bytes) -> None:
+        """Atomic small write: a reader sees the old content or the new, never a part."""
+        if self.local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # one PUT: the object appears whole
+
+    def markers(self) -> dict[str, dict]:
+        """Commit markers by shard key."""
+        files = self.fs.glob(self.join(MANIFEST, "*.json"))
+        contents = self.fs.cat(files) if files else {}  # one concurrent request per marker on S3
+        return {m["key"]: m for m in (json.loads(c) for c in contents.values())}
+
+    def clean(self, markers: dict[str, dict]) -> list[str]:
+        """Delete result files no marker names (a killed attempt's) and all staged pieces."""
+        committed = {m["output"] for m in markers.values()}
+        abandoned = [e for e in self.entries() if e.endswith(".parquet") and e not in committed]
+        for name in abandoned:
+            self.fs.rm(self.join(name))
+        if STAGING in self.entries():
+            self.fs.rm(self.join(STAGING), recursive=True)
+        return abandoned
+
+    def commit(self, shard: Shard, pieces: list[str], marker: dict, id_column: str, special_tokens: int) -> dict:
+        """Merge a shard's pieces into its result file (streamed: one piece in memory at a time),
+        atomically, then write its marker. Returns the marker with the shard's counts."""
+        name = output_name(shard.path)
+        counts = dict(rows=0, tokens=0, truncated_rows=0, empty_texts=0, failed_rows=0)
+        ids = []
+        if pieces:
+            # Locally a temporary file renamed into place; on S3 the upload completes (and the
+            # object appears) only when the writer closes.
+            target = self.join(STAGING, f"{name}.{uuid.uuid4().hex}.tmp") if self.local else self.join(name)
+            if self.local:
+                os.makedirs(posixpath.dirname(target), exist_ok=True)
+            writer = None
+            for piece in pieces:
+                table = pq.read_table(piece, filesystem=self.arrow_fs)
+                writer = writer or pq.ParquetWriter(target, table.schema, filesystem=self.arrow_fs)
+                writer.write_table(table)
+                counts["rows"] += table.num_rows
+                counts["tokens"] += pc.sum(table["input_tokens"]).as_py() or 0
+                counts["truncated_rows"] += pc.sum(table["truncated"]).as_py() or 0
+                counts["empty_texts"] += pc.sum(pc.less_equal(table["input_tokens"], special_tokens)).as_py() or 0
+                counts["failed_rows"] += failed_rows(table)
+                ids.append(table[id_column])
+            writer.close()
+            if self.local:
+                os.replace(target, self.join(name))
+        counts["duplicate_ids"] = counts["rows"] - (pc.count_distinct(pa.chunked_array(ids)).as_py() if ids else 0)
+        marker = {**marker, "key": shard_key(shard.path), "input": shard.path, "size": shard.size,
+                  "version": shard.version, "output": name if pieces else None, "counts": counts,
+                  "committed_at": time.time()}  # fmt: skip
+        self.put(self.join(MANIFEST, f"{marker['key']}.json"), json.dumps(marker, indent=1).encode())
+        if pieces:
+            self.fs.rm(pieces)
+        return marker
+
+
+def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run: str, path_column: str) -> pa.Table:
+    """Stage: writes a block's results as one piece per input shard under _staging; returns only
+    what the driver needs to commit shards: (shard, piece, rows, failed)."""
+    out = Output(output, storage_options)
+    rows = []
+    paths = batch[path_column]
+    for path in pc.unique(paths).to_pylist():
+        part = batch.filter(pc.equal(paths, path)).drop_columns([path_column])
+        piece = out.join(STAGING, run, shard_key(path), f"{uuid.uuid4().hex}.parquet")
+        if out.local:
+            os.makedirs(posixpath.dirname(piece), exist_ok=True)
+        pq.write_table(part, piece, filesystem=out.arrow_fs)
+        rows.append((shard_key(path), piece, part.num_rows, failed_rows(part)))
+    return pa.table(list(zip(*rows)) if rows else [[], [], [], []], names=["shard", "piece", "rows", "failed"])
+
+
+class Lease:
+    """OUTPUT/_lock.json: one job writes an output at a time.
+
+    Created exclusively (O_EXCL locally, If-None-Match on S3) and renewed by a thread every TTL/4.
+    A lease whose holder stopped renewing for TTL seconds, or whose process is gone (same host), is
+    taken over. A holder that finds its lease taken stops before its next commit; since commits
+    are atomic and per shard, two writers never interleave rows within a file."""
+
+    TTL = 120.0
+
+    def __init__(self, output: Output):
+        self.output, self.path = output, output.join(LOCK)
+        self.holder = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid()}
+        self.lost, self.stopped = threading.Event(), threading.Event()
+
+    @property
+    def run(self) -> str:
+        return self.holder["run"]
+
+    def body(self) -> bytes:
+        return json.dumps({**self.holder, "expires": time.time() + self.TTL}).encode()
+
+    def create(self) -> bool:
+        try:
+            if self.output.local:
+                self.output.fs.makedirs(self.output.path, exist_ok=True)
+                with open(self.path, "xb") as f:
+                    f.write(self.body())
+            else:
+                self.output.fs.pipe_file(self.path, self.body(), mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.output.fs.cat_file(self.path) or b"{}")
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return {}  # caught mid-write by its creator: treated as expired
+
+    def stale(self, lease: dict) -> bool:
+        if lease.get("expires", 0) < time.time():
+            return True
+        if lease.get("host") == self.holder["host"]:
+            try:
+                os.kill(lease["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        return False
+
+    def __enter__(self) -> "Lease":
+        for _ in range(3):
+            if self.create():
+                threading.Thread(target=self.renew, daemon=True).start()
+                return self
+            current = self.read()
+            if current is not None and not self.stale(current):
+                until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(current["expires"]))
+                raise OutputLocked(f"output {self.output.uri} is being written by run {current['run']} "
+                                   f"(host {current['host']}, pid {current['pid']}); wait for it to finish. If that "
+                                   f"job died, its lease expires at {until} and a rerun then takes over")  # fmt: skip
+            if current is not None:
+                self.output.fs.rm(self.path)
+        raise OutputLocked(f"output {self.output.uri}: could not take the lease {self.path}; another job keeps taking it")
+
+    def renew(self) -> None:
+        while not self.stopped.wait(self.TTL / 4):
+            if (self.read() or {}).get("run") != self.run:
+                self.lost.set()
+                return
+            self.output.put(self.path, self.body())
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise OutputLocked(f"output {self.output.uri}: another job took over the lease of run {self.run}; stopped")
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        if (self.read() or {}).get("run") == self.run:
+            self.output.fs.rm(self.path)
