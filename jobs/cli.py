@@ -2,6 +2,8 @@
 
 Without RAY_ADDRESS or --address it starts an embedded local Ray sized to this machine; with one,
 it runs on that cluster. Prints the run summary as JSON (also written to OUTPUT/_summary.json).
+Rerunning a command resumes it: shards finished with the same model and settings are kept, new,
+changed or unfinished ones run (exactly once per input row; see pipeline/shards.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--pair-column", default=None, help="second text of a pair, for NLI / cross-encoder checkpoints")
     io.add_argument("--id-column", default="id", help="id column kept in the output (default: id; derived from file and row if absent)")
     io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output")
-    io.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    io.add_argument("--overwrite", action="store_true", help="replace results already in --output (default: keep finished shards, run the rest)")
+    io.add_argument("--skip-bad-files", action="store_true", help="run without input files that are not readable Parquet; the summary lists them")
+    io.add_argument("--max-failed-fraction", type=float, default=0.01,
+                    help="stop with an error when more than this fraction of rows fails (default: 0.01); failures are in the `error` column")
     io.add_argument("--storage-options", default="{}", help='JSON options for fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     run_ = common.add_argument_group("execution")
     run_.add_argument("--max-length", type=int, default=None, help="truncate texts to N tokens (default: the model's positions)")
@@ -61,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,
         concurrency=args.concurrency, task_options=task_options,
     )  # fmt: skip
-    summary = run(args.input, args.output, options, overwrite=args.overwrite,
-                  storage_options=json.loads(args.storage_options), address=args.address)  # fmt: skip
+    summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=json.loads(args.storage_options),
+                  address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction)  # fmt: skip
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 

@@ -213,7 +213,8 @@ def job_columns(options: Options) -> list[str]:
 
 def settings(options: Options) -> dict:
     """What, besides the model files, changes the results: recorded in every commit marker."""
-    return {k: v for k, v in asdict(options).items() if k not in ("model", "batch_tokens", "device", "concurrency")}
+    chosen = {k: v for k, v in asdict(options).items() if k not in ("model", "batch_tokens", "device", "concurrency")}
+    return json.loads(json.dumps(chosen))  # as a marker stores it (tuples become lists)
 
 
 def run(input: str | list[str], output: str, options: Options, overwrite: bool = False,
@@ -249,12 +250,14 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             ray_start = init_ray(address)
             start = time.perf_counter()
         new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction)
+        out.drop_staging()
         wall = time.perf_counter() - start
         finished.update({m["key"]: m for m in new})
         current = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
         totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
         if new:
             totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column)
+        check_failures(totals.get("failed_rows", 0), totals.get("rows", 0), max_failed_fraction, final=True)
         tokens_run = sum(m["counts"]["tokens"] for m in new)
         summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
                           truncated_rows=totals.get("truncated_rows", 0), empty_texts=totals.get("empty_texts", 0),

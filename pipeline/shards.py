@@ -137,9 +137,12 @@ class Output:
         abandoned = [e for e in self.entries() if e.endswith(".parquet") and e not in committed]
         for name in abandoned:
             self.fs.rm(self.join(name))
+        self.drop_staging()
+        return abandoned
+
+    def drop_staging(self) -> None:
         if STAGING in self.entries():
             self.fs.rm(self.join(STAGING), recursive=True)
-        return abandoned
 
     def commit(self, shard: Shard, pieces: list[str], marker: dict, id_column: str, special_tokens: int) -> dict:
         """Merge a shard's pieces into its result file (streamed: one piece in memory at a time),

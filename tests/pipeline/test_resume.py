@@ -1,0 +1,165 @@
+"""Reruns on a real local Ray: incremental runs that process only new or changed shards, refusal to
+mix models or settings, the output lease, and messy input (bad files, mixed schemas, bad rows,
+duplicate ids, huge texts), each with a clear outcome and no row lost."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import InputError, Options, run, shards
+from tests.pipeline import reference
+
+ATOL = 1e-4
+
+
+def write(directory, name, ids, texts, **columns):
+    directory.mkdir(exist_ok=True)
+    table = pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts, pa.string()), **columns})
+    pq.write_table(table, directory / name)
+
+
+def read(directory):
+    table = pq.read_table(directory)
+    return table.take(np.argsort(table["id"].to_numpy()))
+
+
+@pytest.fixture
+def classify(checkpoints):
+    return Options(task="classify", model=str(checkpoints["classifier"]), batch_tokens=1024)
+
+
+def test_reruns_process_only_new_and_changed_shards(ray_session, classify, checkpoints, reviews, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write(inp, f"part-{i}.parquet", range(10 * i, 10 * i + 10), reviews[10 * i : 10 * i + 10])
+    first = run(str(inp), str(out), classify)
+    assert (first.shards, first.shards_run, first.shards_reused, first.rows) == (3, 3, 0, 30)
+    files = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert len(files) == 3  # one result file per input shard
+
+    again = run(str(inp), str(out), classify)  # nothing new: a no-op that rewrites nothing
+    assert (again.shards_run, again.shards_reused, again.rows, again.rows_run) == (0, 3, 30, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == files
+
+    write(inp, "part-0.parquet", range(10), reviews[100:110])  # rewritten shard, same ids
+    write(inp, "part-3.parquet", range(30, 40), reviews[30:40])  # new shard
+    third = run(str(inp), str(out), classify)
+    assert (third.shards, third.shards_run, third.shards_reused, third.rows, third.rows_run) == (4, 2, 2, 40, 20)
+    table = read(out)
+    assert table["id"].to_pylist() == list(range(40))  # every row exactly once
+    texts = reviews[100:110] + reviews[10:40]
+    logits = reference.classify(checkpoints["classifier"], texts)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(np.stack(table["probs"].to_numpy(zero_copy_only=False)), probs, atol=ATOL)
+    assert json.loads((out / "_summary.json").read_text()) == third.to_dict()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("_")) == ["_manifest", "_summary.json"]
+
+
+def test_other_model_or_settings_are_refused_never_mixed(ray_session, classify, reviews, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write(inp, "part-0.parquet", range(8), reviews[:8])
+    run(str(inp), str(out), classify)
+    before = read(out)
+
+    with pytest.raises(FileExistsError, match="other settings .*never mixed.*--overwrite"):
+        run(str(inp), str(out), Options(**{**classify.__dict__, "max_length": 16}))
+    model = shutil.copytree(classify.model, tmp_path / "model")
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF  # a different last weight: same shapes, other model
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    retrained = Options(**{**classify.__dict__, "model": str(model)})
+    with pytest.raises(FileExistsError, match="another model"):
+        run(str(inp), str(out), retrained)
+    assert read(out).equals(before)  # nothing touched
+
+    replaced = run(str(inp), str(out), retrained, overwrite=True)
+    assert (replaced.shards_run, replaced.rows) == (1, 8)
+
+
+def test_a_second_job_on_the_same_output_is_refused(ray_session, classify, reviews, tmp_path):
+    write(tmp_path / "in", "part-0.parquet", range(4), reviews[:4])
+    with shards.Lease(shards.Output(str(tmp_path / "out"))) as other:
+        with pytest.raises(shards.OutputLocked, match=f"being written by run {other.run}"):
+            run(str(tmp_path / "in"), str(tmp_path / "out"), classify)
+    assert run(str(tmp_path / "in"), str(tmp_path / "out"), classify).rows == 4
+
+
+def test_unreadable_parquet_is_named_or_skipped_then_picked_up(ray_session, classify, reviews, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write(inp, "good.parquet", range(6), reviews[:6])
+    write(inp, "truncated.parquet", range(6, 12), reviews[6:12])
+    whole = (inp / "truncated.parquet").read_bytes()
+    (inp / "truncated.parquet").write_bytes(whole[: len(whole) // 2])
+    (inp / "garbage.parquet").write_bytes(b"this is not parquet at all")
+
+    with pytest.raises(InputError, match=r"in/garbage.parquet: not a readable Parquet file .*2 such file\(s\).*--skip-bad-files"):
+        run(str(inp), str(out), classify)
+    summary = run(str(inp), str(out), classify, skip_bad_files=True)
+    assert summary.rows == 6 and sorted(s["file"].rsplit("/", 1)[1] for s in summary.skipped_files) == ["garbage.parquet", "truncated.parquet"]
+    assert all(s["error"] for s in summary.skipped_files)
+
+    (inp / "truncated.parquet").write_bytes(whole)  # repaired: the next run takes it, and only it
+    (inp / "garbage.parquet").unlink()
+    summary = run(str(inp), str(out), classify)
+    assert (summary.shards_run, summary.shards_reused, summary.rows) == (1, 1, 12)
+    assert read(out)["id"].to_pylist() == list(range(12))
+
+
+def test_mixed_schemas_name_both_files(classify, reviews, tmp_path):
+    write(tmp_path / "in", "a.parquet", range(3), reviews[:3])
+    pq.write_table(pa.table({"id": ["x", "y"], "text": reviews[3:5]}), tmp_path / "in" / "b.parquet")
+    with pytest.raises(InputError, match=r"mixed schemas: .*in/b.parquet gives columns \{'id': DataType\(string\).*in/a.parquet gives"):
+        run(str(tmp_path / "in"), str(tmp_path / "out"), classify)
+
+
+def bad_utf8_table(ids, texts_bytes):
+    return pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts_bytes, pa.binary()).view(pa.string())})
+
+
+def test_messy_rows_are_processed_counted_or_failed_alone(ray_session, classify, checkpoints, reviews, tmp_path):
+    inp = tmp_path / "in"
+    huge = "word " * 1_000_000  # 5 MB
+    rows = [b"fine text", b"bad \xed\xa0\x80 surrogate bytes", "ctrl \x00\x07\x1b chars".encode(), b"   ", huge.encode(),
+            "emoji \U0001f600 and \u4e2d\u6587".encode()]  # fmt: skip
+    inp.mkdir()
+    pq.write_table(bad_utf8_table(range(len(rows)), rows), inp / "messy.parquet")
+    write(inp, "dupes.parquet", [0, 100], ["a short text", "another"])  # id 0 is also in messy.parquet
+    write(inp, "empty.parquet", [], [])
+
+    with pytest.raises(InputError, match=r"1 of 8 rows failed \(12.5% > --max-failed-fraction 0.01\)"):
+        run(str(inp), str(tmp_path / "strict"), classify)
+
+    summary = run(str(inp), str(tmp_path / "out"), classify, max_failed_fraction=0.2)
+    assert (summary.rows, summary.failed_rows, summary.duplicate_ids, summary.truncated_rows) == (8, 1, 1, 1)
+    assert summary.shards == summary.shards_run == 3
+    (messy,) = (tmp_path / "out").glob("messy-*.parquet")  # the result file of messy.parquet
+    table = read(messy)
+    errors = table["error"].to_pylist()
+    assert errors[1].startswith("column 'text': invalid UTF-8 at byte 4") and errors.count(None) == 5
+    assert table["label"][1].as_py() is None and table["probs"][1].as_py() is None  # no made-up result
+    assert None not in table["label"].to_pylist()[2:]
+    assert table["truncated"].to_pylist() == [False, False, False, False, True, False]
+    assert table["input_tokens"][4].as_py() == 128  # the checkpoints' positions allow 128 tokens
+    texts = ["fine text", "ctrl \x00\x07\x1b chars", "   ", huge[:200_000], "emoji \U0001f600 and \u4e2d\u6587"]
+    logits = reference.classify(checkpoints["classifier"], texts)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    got = np.stack([p for p in table["probs"].to_numpy(zero_copy_only=False) if p is not None])
+    np.testing.assert_allclose(got, probs, atol=ATOL)
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_manifest").glob("*.json")]
+    assert sorted(m["counts"]["rows"] for m in markers) == [0, 2, 6]  # the empty shard is committed too
+
+
+def test_ids_and_values_never_choose_paths(ray_session, classify, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.table({"id": ["../../escape", "/etc/passwd", "a/../../b"], "text": ["x", "y", "z"],
+                             "source": ["../../../tmp/x", "s3://other/bucket", "~"]}), inp / "part.parquet")  # fmt: skip
+    before = {p for p in tmp_path.rglob("*")}
+    run(str(inp), str(tmp_path / "out"), Options(**{**classify.__dict__, "keep_columns": ("source",)}))
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(p.is_relative_to(tmp_path / "out") for p in created)
+    assert sorted(pq.read_table(tmp_path / "out")["id"].to_pylist()) == ["../../escape", "/etc/passwd", "a/../../b"]

@@ -1,0 +1,127 @@
+"""Commit markers, atomic merges, clean-up of abandoned attempts and the output lease, on the local
+filesystem without Ray (the same code runs against S3 in test_s3.py and under Ray in test_resume.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards
+from pipeline.storage import Shard
+
+
+def piece_table(ids, error=None):
+    n = len(ids)
+    return pa.table({"id": pa.array(ids, pa.int64()), "label": pa.array(["x"] * n),
+                     "input_tokens": pa.array([2 if i % 5 == 0 else 7 for i in ids], pa.int32()),
+                     "truncated": pa.array([i % 3 == 0 for i in ids]),
+                     "error": pa.array(error or [None] * n, pa.string())})  # fmt: skip
+
+
+def test_write_pieces_splits_a_block_by_shard_and_names_files_by_shard_only(tmp_path):
+    out = tmp_path / "out"
+    batch = piece_table([1, 2, 3, 4], error=[None, "bad", None, None]).append_column(
+        "path", pa.array(["/in/a.parquet", "/in/b.parquet", "/in/a.parquet", "/in/a.parquet"]))  # fmt: skip
+    written = shards.write_pieces(batch, str(out), None, run="r1", path_column="path")
+    by_shard = {k: (r, f) for k, r, f in zip(written["shard"].to_pylist(), written["rows"].to_pylist(), written["failed"].to_pylist())}
+    assert by_shard == {shards.shard_key("/in/a.parquet"): (3, 0), shards.shard_key("/in/b.parquet"): (1, 1)}
+    for piece in written["piece"].to_pylist():
+        assert piece.startswith(str(out / "_staging" / "r1")) and "path" not in pq.read_table(piece).column_names
+
+
+def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
+    out = shards.Output(str(tmp_path / "out"))
+    shard = Shard("/in/part-0.parquet", 123, "v1")
+    pieces = []
+    for i, ids in enumerate([[1, 2, 3], [4, 5, 5]]):
+        pieces.append(str(tmp_path / "out" / "_staging" / "r" / f"{i}.parquet"))
+        os.makedirs(os.path.dirname(pieces[-1]), exist_ok=True)
+        pq.write_table(piece_table(ids, error=[None, None, "bad"] if i else None), pieces[-1])
+    marker = out.commit(shard, pieces, {"model": "m", "settings": {}}, id_column="id", special_tokens=2)
+
+    written = pq.read_table(tmp_path / "out" / marker["output"])
+    assert marker["output"] == shards.output_name(shard.path) and marker["output"].startswith("part-0-")
+    assert written["id"].to_pylist() == [1, 2, 3, 4, 5, 5]
+    assert marker["counts"] == {"rows": 6, "tokens": 2 + 7 * 4 + 2, "truncated_rows": 1, "empty_texts": 2,
+                                "failed_rows": 1, "duplicate_ids": 1}  # fmt: skip
+    assert (marker["input"], marker["size"], marker["version"]) == (shard.path, 123, "v1")
+    assert json.loads((tmp_path / "out" / "_manifest" / f"{marker['key']}.json").read_text()) == marker
+    assert not any(os.path.exists(p) for p in pieces)
+    assert [p.name for p in (tmp_path / "out").glob("*.parquet")] == [marker["output"]]  # no temporary left
+    assert out.markers() == {marker["key"]: marker}
+
+    empty = out.commit(Shard("/in/empty.parquet", 10, "v"), [], {"model": "m", "settings": {}}, "id", 2)
+    assert empty["output"] is None and empty["counts"]["rows"] == 0
+
+
+def test_clean_deletes_abandoned_results_and_staging_only(tmp_path):
+    out = shards.Output(str(tmp_path / "out"))
+    kept = out.commit(Shard("/in/a.parquet", 1, "v"), [], {"model": "m", "settings": {}}, "id", 2)
+    (tmp_path / "out" / "done.parquet").write_bytes(b"committed")
+    kept["output"] = "done.parquet"
+    (tmp_path / "out" / "b-0123.parquet").write_bytes(b"written by a killed attempt, no marker")
+    (tmp_path / "out" / "_staging" / "run" / "k").mkdir(parents=True)
+    (tmp_path / "out" / "_staging" / "run" / "k" / "p.parquet").write_bytes(b"piece")
+    assert out.clean({kept["key"]: kept}) == ["b-0123.parquet"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_manifest", "done.parquet"]
+
+
+def test_foreign_output_is_refused_and_kept(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "theirs.csv").write_text("a,b")
+    with pytest.raises(FileExistsError, match=r"already holds results \(1 entries, e.g. 'theirs.csv'\).*--overwrite"):
+        shards.Output(str(tmp_path / "out")).check_ours(overwrite=False)
+    assert (tmp_path / "out" / "theirs.csv").read_text() == "a,b"
+    shards.Output(str(tmp_path / "out")).check_ours(overwrite=True)
+    shards.Output(str(tmp_path / "new")).check_ours(overwrite=False)  # nothing there yet
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_lease_refuses_a_second_job_and_is_released(tmp_path):
+    out = shards.Output(str(tmp_path / "out"))
+    with shards.Lease(out) as first:
+        held = json.loads((tmp_path / "out" / "_lock.json").read_text())
+        assert held["run"] == first.run and held["pid"] == os.getpid()
+        with pytest.raises(shards.OutputLocked, match=rf"is being written by run {first.run} .*pid {os.getpid()}.*wait for it"):
+            shards.Lease(out).__enter__()
+        first.check()  # still ours
+    assert not (tmp_path / "out" / "_lock.json").exists()
+
+
+@pytest.mark.parametrize("lease", [{"pid": "dead", "expires": 4e9}, {"pid": 1, "host": "elsewhere", "expires": 1.0}])
+def test_lease_of_a_dead_holder_is_taken_over(tmp_path, lease):
+    """A holder on this host whose process is gone, or any holder whose lease expired."""
+    (tmp_path / "out").mkdir()
+    stale = {"run": "old", "host": lease.get("host", shards.socket.gethostname()),
+             "pid": dead_pid() if lease["pid"] == "dead" else lease["pid"], "expires": lease["expires"]}  # fmt: skip
+    (tmp_path / "out" / "_lock.json").write_text(json.dumps(stale))
+    with shards.Lease(shards.Output(str(tmp_path / "out"))) as taken:
+        assert json.loads((tmp_path / "out" / "_lock.json").read_text())["run"] == taken.run
+
+
+def test_a_holder_that_lost_its_lease_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards.Lease, "TTL", 0.2)  # renew every 50 ms
+    out = shards.Output(str(tmp_path / "out"))
+    with shards.Lease(out) as lease:
+        out.put(out.join(shards.LOCK), json.dumps({"run": "other", "host": "h", "pid": 1, "expires": 4e9}).encode())
+        lease.lost.wait(5)
+        with pytest.raises(shards.OutputLocked, match="another job took over the lease"):
+            lease.check()
+    assert json.loads((tmp_path / "out" / "_lock.json").read_text())["run"] == "other"  # not ours to delete
+
+
+def test_model_digest_sees_any_changed_file(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 100)
+    before = shards.model_digest(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 99 + b"\1")
+    assert shards.model_digest(str(tmp_path)) != before
