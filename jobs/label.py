@@ -3,6 +3,10 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m jobs.label --model /models/sentiment --input s3://bucket/corpus/ --output s3://bucket/labels/
 
+Scheduled runs are incremental: each run labels only input shards that are new or changed since
+the last successful one (recorded in OUTPUT/_manifest/), so rerunning with nothing new is a quick
+no-op, and a run killed half-way is finished by the next. A changed model is refused, never mixed.
+
 Flags: `python -m jobs.label --help` (the same as `rayberta classify`).
 """
 

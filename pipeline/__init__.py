@@ -16,11 +16,11 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
-from pipeline.runner import DEFAULT_ID, Options, Summary, build, check_schema, init_ray, run
+from pipeline.runner import DEFAULT_ID, JobInterrupted, Options, Summary, build, check_schema, init_ray, run
 from pipeline.stages import InputError
 from pipeline.tasks import TaskError, TaskOptions, make_task
 
-__all__ = ["InputError", "Options", "Summary", "TaskError", "TaskOptions", "classify", "embed", "fill_mask", "run", "score"]
+__all__ = ["InputError", "JobInterrupted", "Options", "Summary", "TaskError", "TaskOptions", "classify", "embed", "fill_mask", "run", "score"]
 
 
 def as_dataset(data) -> ray.data.Dataset:

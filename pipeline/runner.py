@@ -46,6 +46,10 @@ NO_TRUNCATION = 2**31 - 1
 ROWS_PER_BLOCK = 1024  # rows per Infer call: more rows sort into tighter micro-batches
 
 
+class JobInterrupted(RuntimeError):
+    """A job stopped by a fault; a rerun of the same command resumes it."""
+
+
 @dataclass(frozen=True)
 class Options:
     """Everything that defines a job except where the data lives."""
@@ -117,6 +121,9 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
     actors = options.concurrency or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)
     # With --stride the score task windows long documents itself: tokenize them whole.
     max_length = NO_TRUNCATION if options.task_options.stride else options.max_length
+    # Blocks of at most ROWS_PER_BLOCK rows (a read task may concatenate whole files into one):
+    # they spread over the actors and stream, so results (and shards) are done a block at a time.
+    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs=dict(model_dir=options.model, text_column=options.text_column,
@@ -249,7 +256,14 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         if any(m.num_rows for m in footers.values()):
             ray_start = init_ray(address)
             start = time.perf_counter()
-        new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction)
+        try:
+            new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction)
+        except (InputError, shards.OutputLocked):
+            raise
+        except Exception as e:  # a lost node, storage outage, killed actor beyond retries...
+            raise JobInterrupted(f"job writing {output} stopped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                                 "Shards committed before the failure are kept; rerun the same command to run the rest "
+                                 "(each input row ends up in the output exactly once)") from e  # fmt: skip
         out.drop_staging()
         wall = time.perf_counter() - start
         finished.update({m["key"]: m for m in new})
@@ -321,10 +335,14 @@ def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, 
                                columns=columns, include_paths=True, include_row_hash=derive_id, num_cpus=0.25)  # fmt: skip
     if derive_id:
         ds = ds.rename_columns({"row_hash": options.id_column})
-    return build(ds, options).map_batches(
+    ds = build(ds, options).map_batches(
         shards.write_pieces, fn_kwargs=dict(output=out.uri, storage_options=storage_options, run=run, path_column=PATH),
         batch_format="pyarrow", batch_size=None, num_cpus=0.25,
     )  # fmt: skip
+    # Blocks leave each stage in input order, so shards finish (and commit) one after another
+    # rather than all at the end: a killed job loses only the shards in flight.
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str) -> int:

@@ -205,6 +205,7 @@ class Lease:
     are atomic and per shard, two writers never interleave rows within a file."""
 
     TTL = 120.0
+    held: set[str] = set()  # runs of this process holding a lease now
 
     def __init__(self, output: Output):
         self.output, self.path = output, output.join(LOCK)
@@ -241,6 +242,8 @@ class Lease:
     def stale(self, lease: dict) -> bool:
         if lease.get("expires", 0) < time.time():
             return True
+        if lease.get("host") == self.holder["host"] and lease.get("pid") == os.getpid():
+            return lease.get("run") not in Lease.held  # ours, from a run that ended without releasing it
         if lease.get("host") == self.holder["host"]:
             try:
                 os.kill(lease["pid"], 0)
@@ -253,6 +256,7 @@ class Lease:
     def __enter__(self) -> "Lease":
         for _ in range(3):
             if self.create():
+                Lease.held.add(self.run)
                 threading.Thread(target=self.renew, daemon=True).start()
                 return self
             current = self.read()
@@ -267,10 +271,13 @@ class Lease:
 
     def renew(self) -> None:
         while not self.stopped.wait(self.TTL / 4):
-            if (self.read() or {}).get("run") != self.run:
-                self.lost.set()
-                return
-            self.output.put(self.path, self.body())
+            try:
+                if (self.read() or {}).get("run") != self.run:
+                    self.lost.set()
+                    return
+                self.output.put(self.path, self.body())
+            except OSError:  # storage unreachable for now: the job's own writes will tell; retry
+                continue
 
     def check(self) -> None:
         if self.lost.is_set():
@@ -278,5 +285,10 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.stopped.set()
-        if (self.read() or {}).get("run") == self.run:
-            self.output.fs.rm(self.path)
+        Lease.held.discard(self.run)
+        try:
+            if (self.read() or {}).get("run") == self.run:
+                self.output.fs.rm(self.path)
+        except Exception:  # noqa: BLE001 - storage unreachable: the lease expires (or its pid is seen gone)
+            if not any(exc):
+                raise

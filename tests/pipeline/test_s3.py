@@ -6,6 +6,10 @@ is read back with pyarrow's own S3 client, so nothing here trusts the pipeline's
 """
 
 import json
+import threading
+import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,24 +19,47 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import Options
+from pipeline import InputError, JobInterrupted, Options
+from tests.conftest import assert_exactly_once
 
 BUCKET = "rayberta-test"
 KEY, SECRET, REGION = "testing-key", "testing-secret", "eu-west-1"  # not us-east-1: s3fs sends it as a LocationConstraint, which S3 rejects
 SHARDS, ROWS_PER_SHARD = 3, 40
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's real S3 server on 127.0.0.1 (a free port), stopped at teardown."""
-    from moto.server import ThreadedMotoServer
+class S3Server:
+    """moto's real S3 server on 127.0.0.1; `stop()` and `start()` again on the same port make an
+    outage (the stored objects live in this process and survive it)."""
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1"
-    yield f"http://127.0.0.1:{port}"
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, self.port = self.server.get_host_and_port()
+        assert host == "127.0.0.1"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.stop()
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server = S3Server()
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(s3_server) -> str:
+    return s3_server.url
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +160,91 @@ def test_classify_s3_to_s3(first_run, checkpoints, arrow_s3, s3_input):
     assert written["tokens"] == sum(out["input_tokens"].to_pylist()) == summary.tokens
 
 
-def test_s3_output_needs_overwrite(first_run, checkpoints, arrow_s3, s3_input, storage_options):
+def test_s3_rerun_resumes_and_overwrite_replaces(first_run, checkpoints, arrow_s3, s3_input, storage_options):
     options = Options(task="classify", model=str(checkpoints["classifier"]))
-    before = {i.path for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))}
+    listing = lambda: {i.path: i.mtime for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))}  # noqa: E731
+    before = listing()
+    assert sum(p.endswith(".parquet") for p in before) == SHARDS  # one result object per input shard
+    assert sum(p.startswith(f"{BUCKET}/out/_manifest/") for p in before) == SHARDS
 
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        pipeline.run(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/out/", options, storage_options=storage_options)
-    after = {i.path for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))}
-    assert after == before  # the earlier results are untouched
+    again = pipeline.run(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/out/", options, storage_options=storage_options)
+    assert (again.shards_run, again.shards_reused, again.rows) == (0, SHARDS, s3_input.num_rows)
+    after = listing()
+    assert {p: t for p, t in after.items() if not p.endswith("_summary.json")} == {p: t for p, t in before.items() if not p.endswith("_summary.json")}
 
     summary = pipeline.run(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/out/", options, overwrite=True, storage_options=storage_options)
     out = read_output(arrow_s3, "out")
-    assert summary.rows == out.num_rows == s3_input.num_rows  # replaced, not appended to
+    assert (summary.shards_run, summary.rows) == (SHARDS, out.num_rows) and out.num_rows == s3_input.num_rows  # replaced, not appended
     assert sorted(out["id"].to_pylist()) == sorted(s3_input["id"].to_pylist())
-    files = {i.path for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))}
-    assert f"{BUCKET}/out/_summary.json" in files
-    assert not (files & before) - {f"{BUCKET}/out/_summary.json"}  # the old Parquet files are gone
+
+
+def markers(s3, prefix: str) -> list[dict]:
+    s3.invalidate_cache()
+    return [json.loads(s3.cat_file(p)) for p in s3.glob(f"{BUCKET}/{prefix}/_manifest/*.json")]
+
+
+@pytest.mark.slow
+def test_s3_outage_mid_job_fails_clearly_and_the_rerun_completes(ray_session, s3_server, s3, storage_options, arrow_s3,
+                                                                slow_classifier, fault_corpus):  # fmt: skip
+    for i, table in enumerate(fault_corpus):
+        with s3.open(f"{BUCKET}/outage/in/part-{i}.parquet", "wb") as f:
+            pq.write_table(table, f)
+    options = Options(task="classify", model=str(slow_classifier), max_length=64)
+    job = lambda: pipeline.run(f"s3://{BUCKET}/outage/in/", f"s3://{BUCKET}/outage/out/", options, storage_options=storage_options)  # noqa: E731
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=_call(job)))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not (committed := markers(s3, "outage/out")):
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.2)
+    assert len(committed) < len(fault_corpus), "the job finished before the outage"
+    s3_server.stop()
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the job hung during the outage"
+    finally:
+        s3_server.start()
+    error = outcome["result"]
+    assert isinstance(error, JobInterrupted), error  # retried by s3fs/Ray, then a clear failure
+    assert "rerun the same command" in str(error)
+
+    summary = job()
+    assert summary.shards_reused >= len(committed) and summary.shards_run == len(fault_corpus) - summary.shards_reused
+    out = read_output(arrow_s3, "outage/out")
+    files = [p.rsplit("/", 1)[1] for p in s3.glob(f"{BUCKET}/outage/out/*.parquet")]
+    assert_exactly_once(out, markers(s3, "outage/out"), files, [i for t in fault_corpus for i in t["id"].to_pylist()])
+
+
+def _call(fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - handed to the test thread to inspect
+        return e
+
+
+def test_credentials_never_reach_logs_reports_or_errors(ray_session, s3, s3_endpoint, s3_input, checkpoints, capfd):
+    secret = f"rb-fake-secret-{uuid.uuid4().hex}"  # moto accepts any key pair
+    options = {"endpoint_url": s3_endpoint, "key": "AKIAFAKEFAKEFAKE", "secret": secret, "client_kwargs": {"region_name": REGION}}
+    classify = Options(task="classify", model=str(checkpoints["classifier"]))
+    summary = pipeline.run(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/secret-out/", classify, storage_options=options)
+    errors = []
+    for bad in (Options(task="classify", model=str(checkpoints["classifier"]), text_column="nope"),):
+        try:
+            pipeline.run(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/secret-out-2/", bad, storage_options=options)
+        except InputError as e:
+            errors.append(e)
+    try:
+        pipeline.run(f"s3://{BUCKET}/missing/", f"s3://{BUCKET}/secret-out-3/", classify, storage_options=options)
+    except FileNotFoundError as e:
+        errors.append(e)
+    assert len(errors) == 2
+
+    written = [s3.cat_file(p) for p in s3.find(f"{BUCKET}/secret-out/") if not p.endswith(".parquet")]
+    assert len(written) == 1 + SHARDS  # the summary and the markers
+    captured = capfd.readouterr()
+    logs = [p.read_bytes() for p in Path(ray_session._private.worker._global_node.get_session_dir_path()).rglob("*")
+            if p.is_file() and p.stat().st_size < 50 * 2**20]  # fmt: skip
+    texts = [json.dumps(summary.to_dict()), *map(str, errors), *(repr(e.__dict__) for e in errors), captured.out, captured.err]
+    assert logs and not [t for t in texts if secret in t]
+    assert not [b for b in written + logs if secret.encode() in b]

@@ -160,3 +160,42 @@ def test_task_needs_the_right_head(checkpoints):
         make_task("fill-mask", str(checkpoints["classifier"])).check()
     with pytest.raises(TaskError, match="unknown task 'translate'"):
         make_task("translate", str(checkpoints["classifier"]))
+
+
+def test_a_row_the_tokenizer_cannot_take_fails_alone(checkpoints, monkeypatch):
+    tokenize = Tokenize(str(checkpoints["classifier"]))
+    encode = tokenize.tokenizer.encode_batch
+
+    def fragile(texts, pairs=None, max_length=None):
+        if any("boom" in t for t in texts):
+            raise RuntimeError("cannot encode boom")
+        return encode(texts, pairs, max_length=max_length)
+
+    monkeypatch.setattr(tokenize.tokenizer, "encode_batch", fragile)
+    out = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(tokenize(table(["good one", "boom", "fine"])))
+    assert out["error"].to_pylist() == [None, "tokenizer failed: RuntimeError: cannot encode boom", None]
+    assert out["label"].to_pylist()[1] is None and None not in out["label"].to_pylist()[::2]
+    alone = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(Tokenize(str(checkpoints["classifier"]))(table(["good one", "fine"])))
+    np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False)[::2]),
+                               np.stack(alone["probs"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
+
+
+def test_stages_need_no_network(checkpoints):
+    """Loading a checkpoint and running both stages with every socket connection refused."""
+    import subprocess
+    import sys
+
+    code = f"""
+import socket
+def refuse(*args, **kwargs):
+    raise OSError("network access attempted")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = refuse
+import pyarrow as pa
+from pipeline.stages import Infer, Tokenize
+model = {str(checkpoints["masked_lm"])!r}
+batch = Tokenize(model)(pa.table({{"id": [1], "text": ["The movie was <mask>."]}}))
+print(Infer(model, "fill-mask", device="cpu")(batch)["predictions"][0].as_py()[0][0]["token"] is not None)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-3000:]
