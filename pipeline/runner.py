@@ -90,7 +90,7 @@ class Summary:
     ray_start_seconds: float
     method: str | None = None  # score: "causal" or "pseudo" (pseudo-log-likelihood)
     skipped_files: list[dict] = field(default_factory=list)  # --skip-bad-files: {file, error}
-    abandoned_files: list[str] = field(default_factory=list)  # a killed attempt's, deleted before running
+    abandoned_files: list[str] = field(default_factory=list)  # result files no marker named, deleted before running
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,7 +245,8 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
                 raise FileExistsError(f"output {output} holds results of another model or other settings ({marker['output'] or marker['input']} "
                                       f"was made with {marker['settings']}, model sha256 {marker['model'][:12]}); they are never mixed: "
                                       "choose a new --output, or pass --overwrite to replace them")  # fmt: skip
-        finished = {m["key"]: m for m in markers.values()}
+        present = set(out.entries())
+        finished = {m["key"]: m for m in markers.values() if m["output"] is None or m["output"] in present}
         pending = [s for s in inputs if not is_finished(s, finished.get(shards.shard_key(s.path)))]
         abandoned = out.clean(markers)
         footers, skipped = read_footers(fs, pending, skip_bad_files)
@@ -258,30 +259,30 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             start = time.perf_counter()
         try:
             new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction)
+            out.drop_staging()
+            wall = time.perf_counter() - start
+            finished.update({m["key"]: m for m in new})
+            current = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
+            totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
+            if new:
+                totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column)
+            check_failures(totals.get("failed_rows", 0), totals.get("rows", 0), max_failed_fraction, final=True)
+            tokens_run = sum(m["counts"]["tokens"] for m in new)
+            summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
+                              truncated_rows=totals.get("truncated_rows", 0), empty_texts=totals.get("empty_texts", 0),
+                              failed_rows=totals.get("failed_rows", 0), duplicate_ids=totals.get("duplicate_ids", 0),
+                              shards=len(inputs), shards_run=len(new), shards_reused=len(current) - len(new),
+                              rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
+                              tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
+                              ray_start_seconds=round(ray_start, 3), method=method, skipped_files=skipped,
+                              abandoned_files=abandoned)  # fmt: skip
+            out.put(out.join(storage.SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode())
         except (InputError, shards.OutputLocked):
             raise
-        except Exception as e:  # a lost node, storage outage, killed actor beyond retries...
+        except Exception as e:  # a lost node, a storage outage, a killed actor beyond retries...
             raise JobInterrupted(f"job writing {output} stopped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
                                  "Shards committed before the failure are kept; rerun the same command to run the rest "
                                  "(each input row ends up in the output exactly once)") from e  # fmt: skip
-        out.drop_staging()
-        wall = time.perf_counter() - start
-        finished.update({m["key"]: m for m in new})
-        current = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
-        totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
-        if new:
-            totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column)
-        check_failures(totals.get("failed_rows", 0), totals.get("rows", 0), max_failed_fraction, final=True)
-        tokens_run = sum(m["counts"]["tokens"] for m in new)
-        summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
-                          truncated_rows=totals.get("truncated_rows", 0), empty_texts=totals.get("empty_texts", 0),
-                          failed_rows=totals.get("failed_rows", 0), duplicate_ids=totals.get("duplicate_ids", 0),
-                          shards=len(inputs), shards_run=len(new), shards_reused=len(current) - len(new),
-                          rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
-                          tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
-                          ray_start_seconds=round(ray_start, 3), method=method, skipped_files=skipped,
-                          abandoned_files=abandoned)  # fmt: skip
-        out.put(out.join(storage.SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode())
     return summary
 
 

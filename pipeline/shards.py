@@ -11,11 +11,12 @@ An output (a local directory or an s3:// prefix) holds:
 
 Inference writes each block's results as a piece under _staging and tells the driver; once the
 driver has heard of every row of a shard (row counts come from the Parquet footers), it merges the
-pieces into the shard's file, written atomically (locally a temporary file renamed into place; on
-S3 one object, which appears only when its upload completes), then writes the marker. So:
+pieces into a temporary file under _staging, writes the shard's marker, and moves the file into
+place: the commit point, atomic (a rename locally, a server-side copy on S3). So:
 
-- a reader sees whole files only; rows of an unfinished shard are never in the output, and a file
-  left without a marker by a killed attempt is deleted by the next run before it starts;
+- a reader sees whole files only, each one a committed shard's: rows of an unfinished shard or of
+  an abandoned attempt are never in the output; a marker whose file never appeared (a job killed
+  between the two) does not count as finished, and the next run redoes that shard;
 - rerunning the same command (after a killed driver, a lost node, a storage outage) skips shards
   whose marker matches and redoes the rest: finished shards are reused, in-flight ones recomputed;
 - a scheduled rerun processes only new or changed shards (size or version differ), and a marker
@@ -132,7 +133,8 @@ class Output:
         return {m["key"]: m for m in (json.loads(c) for c in contents.values())}
 
     def clean(self, markers: dict[str, dict]) -> list[str]:
-        """Delete result files no marker names (a killed attempt's) and all staged pieces."""
+        """Delete result files no marker names (left by another pipeline version or a run whose
+        marker was replaced) and all staged pieces."""
         committed = {m["output"] for m in markers.values()}
         abandoned = [e for e in self.entries() if e.endswith(".parquet") and e not in committed]
         for name in abandoned:
@@ -150,10 +152,8 @@ class Output:
         name = output_name(shard.path)
         counts = dict(rows=0, tokens=0, truncated_rows=0, empty_texts=0, failed_rows=0)
         ids = []
+        target = self.join(STAGING, f"{name}.{uuid.uuid4().hex}.tmp")
         if pieces:
-            # Locally a temporary file renamed into place; on S3 the upload completes (and the
-            # object appears) only when the writer closes.
-            target = self.join(STAGING, f"{name}.{uuid.uuid4().hex}.tmp") if self.local else self.join(name)
             if self.local:
                 os.makedirs(posixpath.dirname(target), exist_ok=True)
             writer = None
@@ -168,14 +168,15 @@ class Output:
                 counts["failed_rows"] += failed_rows(table)
                 ids.append(table[id_column])
             writer.close()
-            if self.local:
-                os.replace(target, self.join(name))
         counts["duplicate_ids"] = counts["rows"] - (pc.count_distinct(pa.chunked_array(ids)).as_py() if ids else 0)
         marker = {**marker, "key": shard_key(shard.path), "input": shard.path, "size": shard.size,
                   "version": shard.version, "output": name if pieces else None, "counts": counts,
                   "committed_at": time.time()}  # fmt: skip
         self.put(self.join(MANIFEST, f"{marker['key']}.json"), json.dumps(marker, indent=1).encode())
         if pieces:
+            # The commit point: the file appears whole (a rename locally, a server-side copy on S3).
+            # Marker first, so that no visible result file ever lacks one.
+            self.fs.mv(target, self.join(name))
             self.fs.rm(pieces)
         return marker
 

@@ -163,3 +163,15 @@ def test_ids_and_values_never_choose_paths(ray_session, classify, tmp_path):
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p.is_relative_to(tmp_path / "out") for p in created)
     assert sorted(pq.read_table(tmp_path / "out")["id"].to_pylist()) == ["../../escape", "/etc/passwd", "a/../../b"]
+
+
+def test_a_marker_whose_file_never_appeared_is_redone(ray_session, classify, reviews, tmp_path):
+    """A job killed between writing a shard's marker and moving its file into place."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for i in range(2):
+        write(inp, f"part-{i}.parquet", range(5 * i, 5 * i + 5), reviews[5 * i : 5 * i + 5])
+    run(str(inp), str(out), classify)
+    next(out.glob("part-1-*.parquet")).unlink()
+    again = run(str(inp), str(out), classify)
+    assert (again.shards_run, again.shards_reused, again.rows) == (1, 1, 10)
+    assert read(out)["id"].to_pylist() == list(range(10))
