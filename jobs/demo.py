@@ -65,7 +65,7 @@ def main(rows: int, workdir: Path) -> float:
     summary = run(str(workdir / "input"), str(workdir / "embeddings"), options, overwrite=True)
     print(json.dumps(summary.to_dict(), indent=2))
 
-    written = pq.read_table(workdir / "embeddings", columns=["id", "embedding"])
+    written = pq.read_table(workdir / "embeddings", columns=["id", "embedding"]).sort_by("id")  # files hold rows in no order
     labels = dict(zip(corpus["id"].to_pylist(), corpus["label"].to_pylist()))
     embeddings = np.stack(written["embedding"].to_numpy(zero_copy_only=False))
     y = np.array([labels[i] for i in written["id"].to_pylist()])
