@@ -236,3 +236,19 @@ def wait_for_nodes(head: Head, n: int, timeout: float = 180) -> None:
     while alive_nodes(head) != n:
         assert time.monotonic() < deadline, f"the cluster did not reach {n} alive nodes"
         time.sleep(1)
+
+
+def workers_of(head: Head, title: str) -> list[int]:
+    """Pids of this cluster's worker processes whose title starts with `title` (e.g. an actor
+    class): they inherited the cluster's own auth token, other clusters on the machine did not."""
+    mine = f"RAY_AUTH_TOKEN={head.token}".encode()
+    found = []
+    for pid, cmd in processes().items():
+        if cmd and cmd[0].startswith(title):
+            try:
+                if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    found.append(pid)
+            except OSError:
+                pass
+    return found
+

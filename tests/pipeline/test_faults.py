@@ -22,7 +22,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.cluster import REPO, head_node, kill_node, processes, worker_node
+from tests.cluster import REPO, head_node, kill_node, worker_node, workers_of
 from tests.conftest import FAULT_ROWS, FAULT_SHARDS, assert_exactly_once
 
 OBJECT_STORE = 300 * 2**20  # per node: three nodes share this machine's memory
@@ -84,7 +84,7 @@ def test_inference_actor_killed_mid_job(head, slow_classifier, corpus_dir, fault
     with worker_node(head, num_cpus=2, object_store_bytes=OBJECT_STORE):
         job = start_job(head, slow_classifier, corpus_dir, tmp_path / "out")
         wait_for_first_commit(job, tmp_path / "out")
-        actors = [pid for pid, cmd in processes().items() if cmd[0].startswith("ray::MapWorker(MapBatches(Infer))")]
+        actors = workers_of(head, "ray::MapWorker(MapBatches(Infer))")
         assert len(actors) == 1, actors
         os.kill(actors[0], signal.SIGKILL)
 
