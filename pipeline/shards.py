@@ -277,7 +277,7 @@ class Lease:
                     self.lost.set()
                     return
                 self.output.put(self.path, self.body())
-            except OSError:  # storage unreachable for now: the job's own writes will tell; retry
+            except Exception:  # noqa: BLE001 - storage unreachable for now (OSError, botocore's errors...): retry
                 continue
 
     def check(self) -> None:
