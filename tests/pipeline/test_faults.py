@@ -53,10 +53,15 @@ def markers(output) -> list[dict]:
     return [json.loads(p.read_text()) for p in (output / "_manifest").glob("*.json")] if (output / "_manifest").exists() else []
 
 
+def committed(output) -> list[dict]:
+    """Markers whose result file is in place (a marker is written just before its file moves in)."""
+    return [m for m in markers(output) if m["output"] is None or (output / m["output"]).exists()]
+
+
 def wait_for_first_commit(job: subprocess.Popen, output, timeout: float = 240) -> int:
     """Block until a shard is committed while the job still runs; returns the markers then."""
     deadline = time.monotonic() + timeout
-    while not (done := markers(output)):
+    while not (done := committed(output)):
         assert job.poll() is None, f"the job ended before any commit:\n{job.stdout.read()[-4000:]}"
         assert time.monotonic() < deadline, "no shard committed in time"
         time.sleep(0.05)
@@ -101,20 +106,20 @@ def test_driver_killed_mid_job_then_rerun(head, slow_classifier, corpus_dir, fau
         wait_for_first_commit(job, tmp_path / "out")
         job.kill()
         job.wait()
-        committed = len(markers(tmp_path / "out"))
+        done = len(committed(tmp_path / "out"))
 
         code, log = finish(start_job(head, slow_classifier, corpus_dir, tmp_path / "out"))
         assert code == 0, log[-4000:]
     summary = summary_of(tmp_path / "out")
-    assert (summary["shards_reused"], summary["shards_run"]) == (committed, FAULT_SHARDS - committed)
-    assert summary["rows_run"] == (FAULT_SHARDS - committed) * FAULT_ROWS and summary["rows"] == FAULT_SHARDS * FAULT_ROWS
+    assert (summary["shards_reused"], summary["shards_run"]) == (done, FAULT_SHARDS - done)
+    assert summary["rows_run"] == (FAULT_SHARDS - done) * FAULT_ROWS and summary["rows"] == FAULT_SHARDS * FAULT_ROWS
     check_output(tmp_path / "out", fault_corpus)
 
 
 def test_worker_node_lost_mid_job(head, slow_classifier, corpus_dir, fault_corpus, tmp_path):
     with worker_node(head, num_cpus=2, object_store_bytes=OBJECT_STORE) as node:
         job = start_job(head, slow_classifier, corpus_dir, tmp_path / "out")
-        committed = wait_for_first_commit(job, tmp_path / "out")
+        done = wait_for_first_commit(job, tmp_path / "out")
         kill_node(node)
     with worker_node(head, num_cpus=2, object_store_bytes=OBJECT_STORE):  # the replacement, as an autoscaler would
         try:
@@ -126,5 +131,5 @@ def test_worker_node_lost_mid_job(head, slow_classifier, corpus_dir, fault_corpu
             assert "rerun the same command" in log or not log, log[-4000:]
             code, log = finish(start_job(head, slow_classifier, corpus_dir, tmp_path / "out"))
             assert code == 0, log[-4000:]
-            assert summary_of(tmp_path / "out")["shards_reused"] >= committed
+            assert summary_of(tmp_path / "out")["shards_reused"] >= done
     check_output(tmp_path / "out", fault_corpus)
