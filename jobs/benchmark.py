@@ -34,7 +34,8 @@ reviews), shuffled; for more rows than that the shuffled corpus repeats.
 
 Definitions:
 - tokens: real (non-padding) tokens of the rows, specials included; tokens_per_s = tokens / wall_s.
-- padding = padded / computed positions of the baseline's batches.
+- padding = padded / computed positions: of the baselines' batches, and of the model stage's
+  micro-batches (length-sorted, cut by the token budget; pseudo-LL counts each row's copies).
 - x_usual, x_sorted = tokens_per_s / that of transformers_usual, transformers_sorted.
 - limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype / FLOPs per token, and
   fraction_of_limit = tokens_per_s / limit's tokens_per_s, where over the rows' real lengths T_i
@@ -47,7 +48,8 @@ Definitions:
   It counts the work the task needs: a baseline that does more (the LM head at every position)
   shows it as a lower fraction.
 - peak RSS (MiB, VmRSS sampled every 0.2 s; shared pages, torch's libraries and Ray's object
-  store, count in every process that maps them): end to end, the CLI driver, each Ray process kind by its title
+  store, count in every process that maps them) and peak private memory (RssAnon, the same way:
+  what a process allocated itself, the measure of a leak or of growth with corpus size): end to end, the CLI driver, each Ray process kind by its title
   (`ray::MapWorker(MapBatches(Infer))`...; `ray system` = raylet, GCS, agents) and their total,
   summed over the processes of a kind at one sample. The run's processes are those started after
   it began that carry its environment marker (the embedded Ray's processes inherit it; other Ray
@@ -74,7 +76,7 @@ import torch
 
 from jobs.bench_tasks import BENCHES, SIZES, Bench, corpus
 from model import RobertaConfig, RobertaTokenizer
-from pipeline.stages import Infer, Tokenize
+from pipeline.stages import Infer, Tokenize, micro_batches
 
 MARKER = "RAYBERTA_BENCH_RUN"  # environment variable naming the end-to-end run a process belongs to
 
@@ -100,7 +102,7 @@ def transformers_loop(bench: Bench, model_dir: Path, texts: list[str], max_lengt
     return {"tokens_per_s": real / wall, "wall_s": wall, "padding": 1 - real / computed, "tokens": real, "out": out}
 
 
-def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int) -> dict:
+def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None) -> dict:
     """Run 3: pipeline.stages.Infer alone on pre-tokenized rows (what one inference actor does)."""
     tokens = Tokenize(str(model_dir), max_length=max_length)(pa.table({"id": np.arange(len(texts)), "text": texts}))
     infer = Infer(str(model_dir), bench.task, bench.options, dtype=dtype, device="cpu", batch_tokens=batch_tokens)
@@ -108,16 +110,19 @@ def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int
     start = time.perf_counter()
     out = infer(tokens)
     wall = time.perf_counter() - start
-    return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "tokens": int(lengths.sum()), "out": bench.read(out), "lengths": lengths}
+    cost = np.vectorize(infer.task.cost)  # encoder positions of a row (T; T (T - 2) for pseudo-LL)
+    computed = sum(len(rows) * cost(lengths[rows].max()) for rows in micro_batches(lengths, infer.budget, infer.task.cost))
+    return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "padding": 1 - cost(lengths).sum() / computed,
+            "tokens": int(lengths.sum()), "batch_tokens": infer.budget, "out": bench.read(out), "lengths": lengths}  # fmt: skip
 
 
-def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, max_length: int, dtype: str, batch_tokens: int) -> dict:
+def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, max_length: int, dtype: str, batch_tokens: int | None) -> dict:
     """Runs 4 and 5: the CLI in a subprocess, Parquet in, Parquet out, with its processes' peak RSS."""
     (workdir / "in").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": np.arange(len(texts)), "text": texts}), workdir / "in" / "part-0.parquet")
     cmd = [sys.executable, "-m", "jobs.cli", bench.task, "--model", str(model_dir), "--input", str(workdir / "in"),
-           "--output", str(workdir / "out"), "--overwrite", "--dtype", dtype, "--batch-tokens", str(batch_tokens),
-           "--max-length", str(max_length), *bench.cli_flags]  # fmt: skip
+           "--output", str(workdir / "out"), "--overwrite", "--dtype", dtype, "--max-length", str(max_length),
+           *(["--batch-tokens", str(batch_tokens)] if batch_tokens else []), *bench.cli_flags]  # fmt: skip
     marker = uuid.uuid4().hex
     before = set(pids())
     cli = subprocess.Popen(cmd, env={**os.environ, MARKER: marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,6 +134,7 @@ def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, m
     out = pq.read_table(workdir / "out").sort_by("id")
     return {"rows": summary["rows"], "tokens_per_s": summary["tokens_per_second"], "wall_s": summary["wall_seconds"],
             "tokens": summary["tokens"], "ray_start_s": summary["ray_start_seconds"], "peak_rss_mib": rss.peak,
+            "peak_private_mib": rss.peak_private,
             "out": bench.read(out), "lengths": out["input_tokens"].to_numpy()}  # fmt: skip
 
 
@@ -145,11 +151,11 @@ def read_proc(pid: int, name: str) -> bytes:
         return b""
 
 
-def rss_mib(pid: int) -> float:
-    for line in read_proc(pid, "status").splitlines():
-        if line.startswith(b"VmRSS:"):
-            return int(line.split()[1]) / 1024  # kB
-    return 0.0
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS (every resident page, shared ones included) and RssAnon (the process's private memory:
+    heap, tensors; not the libraries' pages nor the object store's shared memory it maps)."""
+    fields = dict(line.split(b":", 1) for line in read_proc(pid, "status").splitlines() if b":" in line)
+    return {"rss": int(fields.get(b"VmRSS", b"0 kB").split()[0]) / 1024, "private": int(fields.get(b"RssAnon", b"0 kB").split()[0]) / 1024}
 
 
 class RunProcesses:
@@ -183,13 +189,15 @@ class RunProcesses:
 
 
 class RssPeaks:
-    """In a thread, every `interval` s: the VmRSS of the processes `members()` names ({pid: kind}),
-    summed per kind and in all (`total`); keeps the first sample and each peak (MiB)."""
+    """In a thread, every `interval` s: the VmRSS and the RssAnon of the processes `members()` names
+    ({pid: kind}), summed per kind and in all (`total`); keeps the first sample and each peak (MiB):
+    `peak` (VmRSS) and `peak_private` (RssAnon)."""
 
     def __init__(self, members, interval: float = 0.2):
         self.members, self.interval = members, interval
         self.first: dict[str, float] = {}
         self.peak: dict[str, float] = {}
+        self.peak_private: dict[str, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
 
@@ -203,6 +211,7 @@ class RssPeaks:
         self.thread.join()
         self.sample()
         self.peak = {k: round(v, 1) for k, v in sorted(self.peak.items())}
+        self.peak_private = {k: round(v, 1) for k, v in sorted(self.peak_private.items())}
 
     def loop(self) -> None:
         while not self.stop.wait(self.interval):
@@ -210,12 +219,16 @@ class RssPeaks:
 
     def sample(self) -> None:
         kinds: dict[str, float] = {}
+        private: dict[str, float] = {}
         for pid, kind in self.members().items():
-            kinds[kind] = kinds.get(kind, 0.0) + rss_mib(pid)
-        kinds["total"] = sum(kinds.values())
+            memory = memory_mib(pid)
+            kinds[kind] = kinds.get(kind, 0.0) + memory["rss"]
+            private[kind] = private.get(kind, 0.0) + memory["private"]
+        kinds["total"], private["total"] = sum(kinds.values()), sum(private.values())
         self.first = self.first or kinds
-        for kind, mib in kinds.items():
-            self.peak[kind] = max(self.peak.get(kind, 0.0), mib)
+        for peak, sampled in ((self.peak, kinds), (self.peak_private, private)):
+            for kind, mib in sampled.items():
+                peak[kind] = max(peak.get(kind, 0.0), mib)
 
 
 def in_process(run, *args) -> dict:
@@ -249,7 +262,7 @@ def rounded(value):
     return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
-def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int,
+def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None,
             e2e_dir: Path | None, scale: int) -> dict[str, dict]:  # fmt: skip
     """Every run of the module docstring, in order, on the same texts."""
     runs = {"transformers_usual": in_process(transformers_loop, bench, model_dir, texts, max_length, False)}
@@ -284,12 +297,14 @@ def compare(bench: Bench, runs: dict[str, dict], config: RobertaConfig, matmul: 
 def scale_report(base: dict, big: dict) -> dict:
     """End to end at 1x and Nx rows side by side: flat memory keeps peak_rss_ratio near 1."""
     rss = [base["peak_rss_mib"]["total"], big["peak_rss_mib"]["total"]]
+    private = [base["peak_private_mib"]["total"], big["peak_private_mib"]["total"]]
     return rounded({"rows": [base["rows"], big["rows"]], "tokens_per_s": [base["tokens_per_s"], big["tokens_per_s"]],
-                    "peak_rss_total_mib": rss, "throughput_ratio": big["tokens_per_s"] / base["tokens_per_s"],
-                    "peak_rss_ratio": rss[1] / rss[0]})  # fmt: skip
+                    "peak_rss_total_mib": rss, "peak_private_total_mib": private,
+                    "throughput_ratio": big["tokens_per_s"] / base["tokens_per_s"],
+                    "peak_rss_ratio": rss[1] / rss[0], "peak_private_ratio": private[1] / private[0]})  # fmt: skip
 
 
-def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, batch_tokens: int, workdir: Path,
+def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, batch_tokens: int | None, workdir: Path,
          skip_e2e: bool, scale: int) -> dict:  # fmt: skip
     bench = BENCHES[task]
     model_dir = bench.checkpoint(workdir, size)
@@ -300,7 +315,7 @@ def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, ba
     matmul = matmul_flops(getattr(torch, dtype))
     per_token = flops_per_token(bench, config, runs["rayberta_model_stage"]["lengths"])
     results = {"task": task, "model": str(model_dir), "size": "all-MiniLM-L6-v2" if task == "embed" else size, "rows": rows,
-               "dtype": dtype, "max_length": max_length, "batch_tokens": batch_tokens, "threads": torch.get_num_threads(),
+               "dtype": dtype, "max_length": max_length, "batch_tokens": runs["rayberta_model_stage"]["batch_tokens"], "threads": torch.get_num_threads(),
                "limit": rounded({"matmul_gflops": matmul / 1e9, "gflop_per_token": per_token / 1e9, "tokens_per_s": matmul / per_token}),
                **compare(bench, runs, config, matmul)}  # fmt: skip
     if f"rayberta_end_to_end_x{scale}" in results:
@@ -316,7 +331,7 @@ if __name__ == "__main__":
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate every run's texts to N tokens (default: the model's positions; score-pseudo: 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="rayberta's dtype (baselines stay fp32)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="rayberta's micro-batch token budget")
+    p.add_argument("--batch-tokens", type=int, default=None, help="rayberta's micro-batch token budget (default: the CLI's)")
     p.add_argument("--scale", type=int, default=1, help="also run end to end at N x the rows (past 33,530 the shuffled corpus repeats)")
     p.add_argument("--workdir", type=Path, default=Path("data/bench"), help="checkpoints and Parquet files go here")
     p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")

@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--storage-options", default="{}", help='JSON options for fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     run_ = common.add_argument_group("execution")
     run_.add_argument("--max-length", type=int, default=None, help="truncate texts to N tokens (default: the model's positions)")
-    run_.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one micro-batch (padded tokens)")
+    run_.add_argument("--batch-tokens", type=int, default=None,
+                      help="token budget of one micro-batch (padded tokens); default: chosen from the device and the model")
     run_.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights and compute dtype")
     run_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPUs when the cluster has them")
     run_.add_argument("--concurrency", type=int, default=None, help="inference actors (default: one per GPU, or one on CPU)")

@@ -350,7 +350,7 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h):  # (..., H) -> (..., V)
-        return self.decoder(self.norm(F.gelu(self.dense(h)))) + self.bias
+        return F.linear(self.norm(F.gelu(self.dense(h))), self.decoder.weight, self.bias)  # one fused matmul + bias
 
 
 class LMModel(PreTrained):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
-from pipeline.runner import DEFAULT_ID, JobInterrupted, Options, Summary, build, check_schema, init_ray, run
+from pipeline.runner import DEFAULT_ID, JobInterrupted, Options, Summary, build, check_schema, init_ray, job_columns, run
 from pipeline.stages import InputError
 from pipeline.tasks import TaskError, TaskOptions, make_task
 
@@ -51,8 +51,7 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
         schema = ds.take_batch(1, batch_format="pyarrow").schema
     if check_schema(schema, options, "dataset"):
         raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
-    columns = [id_column, text_column, options.pair_column, *options.keep_columns]
-    return build(ds.select_columns(list(dict.fromkeys(c for c in columns if c))), options)
+    return build(ds.select_columns(job_columns(options)), options)
 
 
 def classify(data, model, **kwargs) -> ray.data.Dataset:

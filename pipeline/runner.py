@@ -61,7 +61,7 @@ class Options:
     id_column: str = DEFAULT_ID
     keep_columns: tuple[str, ...] = ()
     max_length: int | None = None
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None  # micro-batch token budget; None: chosen from the device (stages.token_budget)
     dtype: str = "float32"
     device: str = "auto"
     concurrency: int | None = None  # inference actors; default one per GPU, or one on CPU
@@ -245,10 +245,11 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
                 raise FileExistsError(f"output {output} holds results of another model or other settings ({marker['output'] or marker['input']} "
                                       f"was made with {marker['settings']}, model sha256 {marker['model'][:12]}); they are never mixed: "
                                       "choose a new --output, or pass --overwrite to replace them")  # fmt: skip
-        present = set(out.entries())
+        entries = out.entries()
+        present = set(entries)
         finished = {m["key"]: m for m in markers.values() if m["output"] is None or m["output"] in present}
         pending = [s for s in inputs if not is_finished(s, finished.get(shards.shard_key(s.path)))]
-        abandoned = out.clean(markers)
+        abandoned = out.clean(markers, entries)
         footers, skipped = read_footers(fs, pending, skip_bad_files)
         if not markers and footers and sum(m.num_rows for m in footers.values()) == 0:
             raise InputError(f"input {input} holds no rows ({len(inputs)} Parquet file(s), all empty)")

@@ -104,8 +104,9 @@ class Output:
 
     def check_ours(self, overwrite: bool) -> None:
         """Refuse to write into a location holding anything but results of this pipeline."""
-        foreign = [e for e in self.entries() if e not in OWN_ENTRIES]
-        if foreign and MANIFEST not in self.entries() and not overwrite:
+        entries = self.entries()
+        foreign = [e for e in entries if e not in OWN_ENTRIES]
+        if foreign and MANIFEST not in entries and not overwrite:
             raise FileExistsError(f"output {self.uri} already holds results ({len(foreign)} entries, e.g. {foreign[0]!r}) "
                                   "that this pipeline did not write; choose a new --output or pass --overwrite to replace them")  # fmt: skip
 
@@ -132,18 +133,19 @@ class Output:
         contents = self.fs.cat(files) if files else {}  # one concurrent request per marker on S3
         return {m["key"]: m for m in (json.loads(c) for c in contents.values())}
 
-    def clean(self, markers: dict[str, dict]) -> list[str]:
+    def clean(self, markers: dict[str, dict], entries: list[str]) -> list[str]:
         """Delete result files no marker names (left by another pipeline version or a run whose
-        marker was replaced) and all staged pieces."""
+        marker was replaced) and all staged pieces. `entries`: the output's listing."""
         committed = {m["output"] for m in markers.values()}
-        abandoned = [e for e in self.entries() if e.endswith(".parquet") and e not in committed]
+        abandoned = [e for e in entries if e.endswith(".parquet") and e not in committed]
         for name in abandoned:
             self.fs.rm(self.join(name))
-        self.drop_staging()
+        self.drop_staging(entries)
         return abandoned
 
-    def drop_staging(self) -> None:
-        if STAGING in self.entries():
+    def drop_staging(self, entries: list[str] | None = None) -> None:
+        """Delete the staged pieces; `entries`: the output's listing when the caller has it."""
+        if STAGING in (self.entries() if entries is None else entries):
             self.fs.rm(self.join(STAGING), recursive=True)
 
     def commit(self, shard: Shard, pieces: list[str], marker: dict, id_column: str, special_tokens: int) -> dict:

@@ -21,6 +21,9 @@ from model import RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClas
 from model.roberta import sentence_embedding
 
 
+HEAP_REUSE_LIMIT = 32 * 2**20  # bytes: glibc malloc reuses freed blocks up to this size; larger ones are fresh mmaps
+
+
 class TaskError(ValueError):
     """The task cannot run on this checkpoint; the message names both and what would work."""
 
@@ -188,7 +191,6 @@ class Score(Task):
     scored positions only."""
 
     name, needs = "score", ("causal_lm", "masked_lm")
-    CHUNK = 1024  # scored positions per LM-head call: bounds the (chunk, V) float32 logits
 
     def __init__(self, model_dir, options):
         super().__init__(model_dir, options)
@@ -250,11 +252,13 @@ class Score(Task):
         return {"log_likelihood": ll.cpu().numpy(), "num_tokens": n.cpu().numpy()}
 
     def token_log_probs(self, model, hidden, targets):
-        """hidden (N, H), targets (N,) -> log p(target) (N,) float32, chunked over N."""
-        out = [
-            torch.log_softmax(model.logits(hidden[i : i + self.CHUNK]).float(), -1).gather(-1, targets[i : i + self.CHUNK, None])[:, 0]
-            for i in range(0, len(targets), self.CHUNK)
-        ]
+        """hidden (N, H), targets (N,) -> log p(target) (N,) float32, in chunks of positions whose
+        (chunk, V) float32 logits stay within the allocator's heap-reuse limit (stages.token_budget)."""
+        chunk = max(1, HEAP_REUSE_LIMIT // (4 * model.config.vocab_size))
+        out = []
+        for i in range(0, len(targets), chunk):
+            log_probs = torch.log_softmax(model.logits(hidden[i : i + chunk]).float(), -1)  # (chunk, V)
+            out.append(log_probs.gather(-1, targets[i : i + chunk, None])[:, 0])
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     def columns(self, outputs):

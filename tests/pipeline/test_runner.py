@@ -2,6 +2,7 @@
 with transformers; ids, schema, summary; the Python API; and clear errors for bad input."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -100,6 +101,22 @@ def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):
     np.testing.assert_allclose(np.stack(out["logits"]), logits, atol=ATOL)
     chained = pipeline.embed(ds.select_columns(["id", "label"]).rename_columns({"label": "text"}), model=checkpoints["base"])
     assert chained.count() == len(df)
+
+
+def test_cpu_inference_actor_computes_on_every_core(ray_session, checkpoints):
+    # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: 1 for the fractional one of Infer.
+    @ray_session.remote(num_cpus=0.25)
+    def threads_after_infer_loads():
+        import torch
+
+        from pipeline.stages import Infer
+
+        before = torch.get_num_threads()
+        Infer(str(checkpoints["classifier"]), "classify", device="cpu")
+        return before, torch.get_num_threads()
+
+    before, after = ray_session.get(threads_after_infer_loads.remote())
+    assert before == 1 and after == len(os.sched_getaffinity(0))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -66,7 +66,7 @@ def test_clean_deletes_abandoned_results_and_staging_only(tmp_path):
     (tmp_path / "out" / "b-0123.parquet").write_bytes(b"written by a killed attempt, no marker")
     (tmp_path / "out" / "_staging" / "run" / "k").mkdir(parents=True)
     (tmp_path / "out" / "_staging" / "run" / "k" / "p.parquet").write_bytes(b"piece")
-    assert out.clean({kept["key"]: kept}) == ["b-0123.parquet"]
+    assert out.clean({kept["key"]: kept}, out.entries()) == ["b-0123.parquet"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_manifest", "done.parquet"]
 
 

@@ -4,9 +4,11 @@ whatever the micro-batch composition or row order."""
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 import transformers
 
-from pipeline.stages import Infer, InputError, Tokenize, micro_batches, pad
+from model import RobertaConfig
+from pipeline.stages import HEAP_REUSE_LIMIT, Infer, InputError, Tokenize, micro_batches, pad, token_budget
 from pipeline.tasks import TaskError, TaskOptions, make_task
 from tests.pipeline import reference
 
@@ -23,7 +25,7 @@ def table(texts, **extra):
     return pa.table({"id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(texts, pa.string()), **extra})
 
 
-def run_infer(model_dir, task, texts, budget=8192, shuffle_seed=None, pairs=None, **task_options):
+def run_infer(model_dir, task, texts, budget=None, shuffle_seed=None, pairs=None, **task_options):
     """Tokenize + Infer on a plain table, optionally in shuffled row order; results sorted back by id."""
     batch = table(texts, **({"hypothesis": pa.array(pairs, pa.string())} if pairs else {}))
     if shuffle_seed is not None:
@@ -72,7 +74,7 @@ def test_tokenize_errors_name_the_column(checkpoints):
         tokenize(pa.table({"id": [1], "text": [3]}))
 
 
-@pytest.mark.parametrize("budget, seed", [(8192, None), (300, 1), (64, 2)])
+@pytest.mark.parametrize("budget, seed", [(None, None), (300, 1), (64, 2)])
 def test_classify_equals_transformers_for_any_batching(checkpoints, texts, budget, seed):
     out = run_infer(checkpoints["classifier"], "classify", texts, budget, seed, logits=True)
     logits = reference.classify(checkpoints["classifier"], texts)
@@ -84,6 +86,35 @@ def test_classify_equals_transformers_for_any_batching(checkpoints, texts, budge
     assert out["label_id"].to_pylist() == probs.argmax(1).tolist()
     np.testing.assert_allclose(out["score"].to_numpy(), probs.max(1), atol=ATOL)
     assert out.schema.field("probs").type == pa.list_(pa.float32(), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_budget_keeps_the_largest_activation_within_heap_reuse(dtype):
+    config = RobertaConfig(hidden_size=768, intermediate_size=3072)
+    budget = token_budget(config, dtype, torch.device("cpu"))
+    mlp_bytes = config.intermediate_size * dtype.itemsize  # one token's (intermediate,) activation
+    assert budget & (budget - 1) == 0  # a power of two
+    assert budget * mlp_bytes <= HEAP_REUSE_LIMIT < 2 * budget * mlp_bytes
+
+
+def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, monkeypatch):
+    """A micro-batch over 256 padded tokens raises CUDA's out-of-memory error (there is no GPU
+    here; a real one is in tests/pipeline/test_gpu.py): its rows run again in halves."""
+    tokens = Tokenize(str(checkpoints["classifier"]))(table(texts))
+    infer = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), batch_tokens=2048, device="cpu")
+    run, sizes = infer.task.run, []
+
+    def small_memory(model, ids, mask, budget):
+        if ids.numel() > 256:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        sizes.append(ids.numel())
+        return run(model, ids, mask, budget)
+
+    monkeypatch.setattr(infer.task, "run", small_memory)
+    out = infer(tokens)
+    assert infer.budget == 256 and max(sizes) <= 256
+    np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)),
+                               reference.classify(checkpoints["classifier"], texts), atol=ATOL)  # fmt: skip
 
 
 def test_classify_text_pairs(checkpoints, texts):

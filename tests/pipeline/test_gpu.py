@@ -1,0 +1,41 @@
+"""The CUDA path of the inference stage: equal to transformers (fp32 on CPU) in every dtype, and a
+real CUDA out-of-memory halving the token budget. Marked gpu: skipped on machines without CUDA."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.stages import Infer, Tokenize
+from pipeline.tasks import TaskOptions
+from tests.pipeline import reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def classify_logits(model_dir, texts, **infer_options):
+    tokens = Tokenize(str(model_dir))(pa.table({"id": np.arange(len(texts)), "text": texts}))
+    out = Infer(str(model_dir), "classify", TaskOptions(logits=True), device="cuda", **infer_options)(tokens)
+    return np.stack(out["logits"].to_numpy(zero_copy_only=False))
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 5e-2), ("float16", 1e-2)])
+def test_cuda_classify_equals_transformers(checkpoints, reviews, dtype, atol):
+    texts = reviews[:64]
+    np.testing.assert_allclose(classify_logits(checkpoints["classifier"], texts, dtype=dtype),
+                               reference.classify(checkpoints["classifier"], texts), atol=atol)  # fmt: skip
+
+
+def test_cuda_out_of_memory_halves_the_budget(checkpoints, reviews):
+    texts = reviews[:256]
+    expected = reference.classify(checkpoints["classifier"], texts)
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(free - 256 * 2**20, dtype=torch.uint8, device="cuda")  # leave 256 MiB
+    try:
+        tokens = Tokenize(str(checkpoints["classifier"]))(pa.table({"id": np.arange(len(texts)), "text": texts}))
+        infer = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), device="cuda", batch_tokens=2**22)
+        out = infer(tokens)
+    finally:
+        del ballast
+    assert infer.budget < 2**22
+    np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)), expected, atol=1e-4)
