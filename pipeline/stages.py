@@ -135,12 +135,11 @@ def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
     LayerNorms 3x slower), and 4,096 matched 2,048. GPU: a quarter of the free memory over a rough
     size of the activations alive at once per token, (8 H + 2 I) elements; a CUDA out-of-memory
     halves it (Infer.run_rows). Not measured on a GPU yet."""
-    element = torch.finfo(dtype).bits // 8
     if device.type == "cpu":
-        tokens = HEAP_REUSE_LIMIT // (config.intermediate_size * element)
+        tokens = HEAP_REUSE_LIMIT // (config.intermediate_size * dtype.itemsize)
     else:
         free, _ = torch.cuda.mem_get_info(device)
-        tokens = free // 4 // ((8 * config.hidden_size + 2 * config.intermediate_size) * element)
+        tokens = free // 4 // ((8 * config.hidden_size + 2 * config.intermediate_size) * dtype.itemsize)
     return min(MAX_BUDGET, 1 << max(int(tokens), MIN_BUDGET).bit_length() - 1)
 
 
@@ -168,10 +167,9 @@ class Infer:
         values = column.values.to_numpy(zero_copy_only=False)
         offsets = column.offsets.to_numpy().astype(np.int64)
         parts, order = [], []
-        for rows in micro_batches(np.diff(offsets), self.budget, self.task.cost):
-            for done, outputs in self.run_rows(values, offsets, rows):
-                parts.append(outputs)
-                order.append(done)
+        for done, outputs in self.run_rows(values, offsets, np.arange(batch.num_rows)) if batch.num_rows else ():
+            parts.append(outputs)
+            order.append(done)
         batch = batch.drop_columns([TOKENS])
         if not parts:
             return batch
@@ -192,10 +190,11 @@ class Infer:
         return tensor
 
     def run_rows(self, values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
-        """Yields (rows, outputs) for one micro-batch. A CUDA out-of-memory halves the budget, for
-        the rest of this actor's life, and runs the same rows again in smaller micro-batches."""
+        """Yields (rows, outputs) per micro-batch: `rows` over the budget are cut by `micro_batches`
+        first. A CUDA out-of-memory halves the budget, for the rest of this actor's life, and runs
+        the same rows again, cut smaller."""
         lengths = offsets[rows + 1] - offsets[rows]
-        if len(rows) > 1 and len(rows) * self.task.cost(int(lengths.max())) > self.budget:  # cut before the budget shrank
+        if len(rows) > 1 and len(rows) * self.task.cost(int(lengths.max())) > self.budget:
             for part in micro_batches(lengths, self.budget, self.task.cost):
                 yield from self.run_rows(values, offsets, rows[part])
             return
