@@ -123,8 +123,14 @@ class Classify(Bench):
         return stack(table["probs"])
 
     def quality(self, out, reference):
-        return {"label_agreement": float((out.argmax(1) == reference.argmax(1)).mean()),
-                "max_prob_diff": float(np.abs(out - reference).max())}  # fmt: skip
+        """Also the reference's margins (top probability minus the runner-up's): a random classifier
+        gives near-ties, whose labels any rounding flips. disagreeing_max_margin is the largest
+        margin among rows whose labels differ (0 if none)."""
+        top2 = np.sort(reference, 1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        disagree = out.argmax(1) != reference.argmax(1)
+        return {"label_agreement": float(1 - disagree.mean()), "max_prob_diff": float(np.abs(out - reference).max()),
+                "median_margin": float(np.median(margin)), "disagreeing_max_margin": float(margin[disagree].max(initial=0.0))}  # fmt: skip
 
     def head_flops(self, config):
         return 2.0 * (config.hidden_size**2 + config.hidden_size * config.num_labels)  # dense + out_proj

