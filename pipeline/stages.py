@@ -7,7 +7,6 @@ Data and owns every Ray setting (concurrency, CPUs, GPUs, batch sizes).
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import RobertaTokenizer
-from model.roberta import Block
 from pipeline.tasks import HEAP_REUSE_LIMIT, Task, TaskOptions, make_task
 
 TOKENS = "input_ids"  # list<int32> token ids, the only thing that travels from Tokenize to Infer
@@ -153,26 +151,10 @@ def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
     return min(MAX_BUDGET, 1 << max(int(tokens), MIN_BUDGET).bit_length() - 1)
 
 
-def quantize_blocks(model: torch.nn.Module) -> None:
-    """--dtype int8: dynamic int8 quantization of every transformer block's Linear layers, in place
-    (weights int8 once; each call quantizes its input per tensor and computes in int8 with fbgemm's
-    x86 kernels, CPU only). The heads stay float32. On the small benchmark model the model stage ran
-    about 2x float32 and 1.3x bfloat16 (README, Performance). torchao's Int8DynamicActivationInt8Weight
-    ran at 1.3x float32 without torch.compile (measured on the same rows), so this uses
-    torch.ao.quantization, deprecated in favour of torchao but present throughout our torch range."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecated")  # the module, and quantized tensors
-        for block in [m for m in model.modules() if isinstance(m, Block)]:
-            quantize_dynamic(block, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
 class Infer:
     """Runs a task's model over each block: rows sorted by length, cut into micro-batches by a
     token budget, run, and put back in their original order. The model loads once per actor.
-    batch_tokens: the budget; None chooses it from the device (`token_budget`).
-    dtype: float32, bfloat16, float16 (weights and compute), or int8 (CPU only: `quantize_blocks`)."""
+    batch_tokens: the budget; None chooses it from the device (`token_budget`)."""
 
     def __init__(self, model_dir: str, task: str, options: TaskOptions | None = None, dtype: str = "float32",
                  device: str = "auto", batch_tokens: int | None = None):  # fmt: skip
@@ -182,12 +164,8 @@ class Infer:
             # torch would compute on one core (measured: half the throughput on two). The model
             # gets every core this process may use: one CPU inference actor per node.
             torch.set_num_threads(len(os.sched_getaffinity(0)))
-        if dtype == "int8" and self.device.type != "cpu":
-            raise ValueError("--dtype int8 runs on CPUs only (fbgemm's int8 kernels); on a GPU use --dtype bfloat16")
         self.task: Task = make_task(task, model_dir, options)
-        self.model = self.task.load("float32" if dtype == "int8" else dtype, self.device)
-        if dtype == "int8":
-            quantize_blocks(self.model)
+        self.model = self.task.load(dtype, self.device)
         self.pad_id = self.model.config.pad_token_id
         self.budget = batch_tokens or token_budget(self.model.config, self.model.dtype, self.device)
 

@@ -117,17 +117,15 @@ def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, mo
                                reference.classify(checkpoints["classifier"], texts), atol=ATOL)  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 0.03), ("int8", 0.1)])
-def test_reduced_precision_keeps_labels_and_logits_near_transformers(checkpoints, reviews, dtype, tolerance):
-    """bfloat16, and int8 (dynamic quantization of the blocks' Linear layers), against transformers
-    in float32 on 200 real reviews: every label the same, logits within `tolerance` of the largest
-    reference logit (measured: 1.1% and 3.5%)."""
+def test_bfloat16_keeps_labels_and_logits_near_transformers(checkpoints, reviews):
+    """bfloat16 on CPU against transformers in float32 on 200 real reviews: every label the same,
+    logits within 3% of the largest reference logit (measured: 1.1%)."""
     texts = reviews[:200]
     tokens = Tokenize(str(checkpoints["classifier"]))(table(texts))
-    out = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), dtype=dtype, device="cpu")(tokens)
+    out = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), dtype="bfloat16", device="cpu")(tokens)
     got, expected = np.stack(out["logits"].to_numpy(zero_copy_only=False)), reference.classify(checkpoints["classifier"], texts)
     assert (got.argmax(1) == expected.argmax(1)).all()
-    assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 0.03 * np.abs(expected).max()
 
 
 def test_classify_text_pairs(checkpoints, texts):
