@@ -10,7 +10,8 @@ Runs (jobs/bench_tasks.py says what each task's head computes):
 1. transformers_usual: AutoTokenizer(padding=True, truncation=True, max_length), batch 32, arrival
    order, torch.inference_mode(), fp32: what users write today (score-pseudo: see below);
 2. transformers_sorted: the same, rows sorted by text length first (best common practice);
-3. rayberta_model_stage: `pipeline.stages.Infer` alone on rows `Tokenize` made, no Ray;
+3. rayberta_model_stage: `pipeline.stages.Infer` alone on rows `Tokenize` made, no Ray, called on
+   as many rows at a time as the CLI's inference actor gets (`pipeline.runner.INFER_ROWS`);
 4. rayberta_end_to_end: the CLI in a subprocess, Parquet in to Parquet out, tokenization and
    writing included (Ray start-up reported apart, as `ray_start_s`);
 5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`.
@@ -83,6 +84,7 @@ import torch
 
 from jobs.bench_tasks import BENCHES, SIZES, Bench, corpus
 from model import RobertaConfig, RobertaTokenizer
+from pipeline.runner import INFER_ROWS
 from pipeline.stages import Infer, Tokenize, micro_batches
 
 MARKER = "RAYBERTA_BENCH_RUN"  # environment variable naming the end-to-end run a process belongs to
@@ -128,12 +130,14 @@ def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int
     lengths = tokens["input_tokens"].to_numpy()
     if device != "cpu":
         infer(tokens.slice(0, WARM_UP_ROWS))
-    with GpuBusy(device) as busy:  # Infer's outputs are numpy: the call returns once the GPU is done
+    calls = range(0, len(texts), INFER_ROWS[device])  # as the CLI's inference actor gets them
+    with GpuBusy(device) as busy:  # Infer's outputs are numpy: each call returns once the GPU is done
         start = time.perf_counter()
-        out = infer(tokens)
+        out = pa.concat_tables([infer(tokens.slice(i, INFER_ROWS[device])) for i in calls])
         wall = time.perf_counter() - start
     cost = np.vectorize(infer.task.cost)  # encoder positions of a row (T; T (T - 2) for pseudo-LL)
-    computed = sum(len(rows) * cost(lengths[rows].max()) for rows in micro_batches(lengths, infer.budget, infer.task.cost))
+    computed = sum(len(rows) * cost(call[rows].max()) for call in (lengths[i : i + INFER_ROWS[device]] for i in calls)
+                   for rows in micro_batches(call, infer.budget, infer.task.cost))  # fmt: skip
     return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "padding": 1 - cost(lengths).sum() / computed,
             "tokens": int(lengths.sum()), "batch_tokens": infer.budget, **busy.report(), "out": bench.read(out), "lengths": lengths}  # fmt: skip
 

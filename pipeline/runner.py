@@ -43,7 +43,12 @@ from pipeline.tasks import TaskOptions, make_task
 DEFAULT_ID = "id"
 PATH = "path"  # Ray Data's column naming each row's input file (include_paths)
 NO_TRUNCATION = 2**31 - 1
-ROWS_PER_BLOCK = 1024  # rows per Infer call: more rows sort into tighter micro-batches
+ROWS_PER_BLOCK = 1024  # rows per block between stages: results (and shards) stream a block at a time
+# Rows per Infer call, by device. A call sorts its rows by length and cuts them by the token budget;
+# the micro-batches come out tight only when the call holds many budgets of tokens. Padding of the
+# movie reviews (about 200 tokens a row) measured with `stages.micro_batches`: CPU budget 4,096,
+# 1,024-row calls: 2.9%; GPU budget 65,536: 25.5% with 1,024-row calls, 3.0% with 16,384.
+INFER_ROWS = {"cpu": ROWS_PER_BLOCK, "cuda": 16 * ROWS_PER_BLOCK}
 
 
 class JobInterrupted(RuntimeError):
@@ -139,7 +144,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
                                    dtype=options.dtype, device="cuda" if gpu else "cpu",
                                    batch_tokens=options.batch_tokens),  # fmt: skip
         batch_format="pyarrow",
-        batch_size=ROWS_PER_BLOCK,
+        batch_size=INFER_ROWS["cuda" if gpu else "cpu"],  # Ray Data joins blocks (of any shards) into a call
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpu else 0,
         num_cpus=1 if gpu else 0.25,
