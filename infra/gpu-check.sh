@@ -4,15 +4,16 @@
 #   1. the tests marked gpu (CUDA equality with transformers per dtype, out-of-memory halving);
 #   2. the GPU benchmark: classify, roberta-base shape, bf16, every run on the GPU, end to end at
 #      1x and SCALE x the rows (README, Performance on a GPU).
-# usage: infra/gpu-check.sh OUT_DIR [ROWS] [SCALE]    (run from the repository root)
+# usage: infra/gpu-check.sh OUT_DIR [ROWS] [SCALE]
 set -u
 out=${1:?usage: infra/gpu-check.sh OUT_DIR [ROWS] [SCALE]}
 rows=${2:-20000}
 scale=${3:-5}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, ray, transformers, tokenizers; print('torch', torch.__version__, 'ray', ray.__version__,
-'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'cpus', __import__('os').cpu_count())"
+mkdir -p "$out" && out=$(cd "$out" && pwd) && cd "$(dirname "$0")/.." || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+python3 -c "import torch, ray, transformers, tokenizers, pynvml; assert torch.cuda.is_available(), 'no CUDA device'
+print('torch', torch.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__,
+      'tokenizers', tokenizers.__version__, 'cpus', __import__('os').cpu_count())" || exit 1
 python3 -m pytest -p no:cacheprovider -m gpu tests/pipeline/test_gpu.py 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 python3 -m jobs.benchmark --task classify --size base --rows "$rows" --dtype bfloat16 --device cuda --scale "$scale" \

@@ -17,8 +17,9 @@ Runs (jobs/bench_tasks.py says what each task's head computes):
 5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`.
 Runs 3-5 use --dtype; baselines stay fp32. Every run sees the same texts, truncated to the same
 --max-length (default: the model's positions, which is also the CLI's default). --device cuda runs
-every one of them and the limit's matmul on the GPU; each run on it is warmed up first (CUDA
-context, cuBLAS handles, kernel choice) on the first 64 texts, outside the timing.
+every one of them and the limit's matmul on the GPU; runs 1-3 are warmed up first (CUDA context,
+cuBLAS handles, kernel choice) on the first 64 texts, outside the timing; runs 4-5 include their
+start-up, as a user's job does.
 
 Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16):
 - classify: a random RoBERTa classifier; label agreement, max probability difference.
@@ -53,8 +54,9 @@ Definitions:
   shows it as a lower fraction. On a GPU the matmul is 8192 x 8192 (2048 does not fill it), and
   fraction_of_limit is the MFU against that measured rate.
 - gpu_busy (--device cuda): NVML's GPU utilization (the fraction of time a kernel was running),
-  sampled every 0.1 s and averaged from the first to the last sample in which the GPU was busy:
-  the span in which the run computes, without process and actor start-up. gpu_busy_s is that span.
+  sampled every 0.1 s and averaged from the first to the last sample in which the GPU was busy;
+  gpu_busy_s is that span. In-process it covers the model stage's calls; end to end it opens at
+  the first kernel, which can come well before the actor computes (the model's load), so it is rough.
 - peak RSS (MiB, VmRSS sampled every 0.2 s; shared pages, torch's libraries and Ray's object
   store, count in every process that maps them) and peak private memory (RssAnon, the same way:
   what a process allocated itself, the measure of a leak or of growth with corpus size): end to end, the CLI driver, each Ray process kind by its title
@@ -108,7 +110,7 @@ def transformers_loop(bench: Bench, model_dir: Path, texts: list[str], max_lengt
             yield enc, bench.head(model, enc, tokenizer).cpu().numpy()  # .cpu() waits for the GPU
 
     with torch.inference_mode():
-        if device != "cpu":
+        if device == "cuda":
             for _ in batches(np.arange(min(WARM_UP_ROWS, len(texts)))):
                 pass
         parts, real, computed = [], 0, 0
@@ -128,15 +130,16 @@ def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int
     tokens = Tokenize(str(model_dir), max_length=max_length)(pa.table({"id": np.arange(len(texts)), "text": texts}))
     infer = Infer(str(model_dir), bench.task, bench.options, dtype=dtype, device=device, batch_tokens=batch_tokens)
     lengths = tokens["input_tokens"].to_numpy()
-    if device != "cpu":
+    if device == "cuda":
         infer(tokens.slice(0, WARM_UP_ROWS))
-    calls = range(0, len(texts), INFER_ROWS[device])  # as the CLI's inference actor gets them
+    per_call = INFER_ROWS[device]  # rows per call, as the CLI's inference actor gets them
+    calls = range(0, len(texts), per_call)
     with GpuBusy(device) as busy:  # Infer's outputs are numpy: each call returns once the GPU is done
         start = time.perf_counter()
-        out = pa.concat_tables([infer(tokens.slice(i, INFER_ROWS[device])) for i in calls])
+        out = pa.concat_tables([infer(tokens.slice(i, per_call)) for i in calls])
         wall = time.perf_counter() - start
     cost = np.vectorize(infer.task.cost)  # encoder positions of a row (T; T (T - 2) for pseudo-LL)
-    computed = sum(len(rows) * cost(call[rows].max()) for call in (lengths[i : i + INFER_ROWS[device]] for i in calls)
+    computed = sum(len(rows) * cost(call[rows].max()) for call in (lengths[i : i + per_call] for i in calls)
                    for rows in micro_batches(call, infer.budget, infer.task.cost))  # fmt: skip
     return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "padding": 1 - cost(lengths).sum() / computed,
             "tokens": int(lengths.sum()), "batch_tokens": infer.budget, **busy.report(), "out": bench.read(out), "lengths": lengths}  # fmt: skip
@@ -270,6 +273,7 @@ class GpuBusy:
 
     def __enter__(self) -> "GpuBusy":
         if self.device == "cuda":
+            torch.cuda.utilization()  # here, not in the thread, if NVML (nvidia-ml-py) is missing
             self.thread = threading.Thread(target=self.loop, daemon=True)
             self.thread.start()
         return self
@@ -281,7 +285,7 @@ class GpuBusy:
 
     def loop(self) -> None:
         while not self.stop.wait(self.interval):
-            self.samples.append(torch.cuda.utilization())  # percent; pynvml, no CUDA context needed
+            self.samples.append(torch.cuda.utilization())  # percent, through NVML
 
     def report(self) -> dict:
         busy = np.flatnonzero(self.samples)

@@ -43,11 +43,13 @@ from pipeline.tasks import TaskOptions, make_task
 DEFAULT_ID = "id"
 PATH = "path"  # Ray Data's column naming each row's input file (include_paths)
 NO_TRUNCATION = 2**31 - 1
-ROWS_PER_BLOCK = 1024  # rows per block between stages: results (and shards) stream a block at a time
+ROWS_PER_BLOCK = 1024  # rows per block from the reader to the tokenizers
 # Rows per Infer call, by device. A call sorts its rows by length and cuts them by the token budget;
 # the micro-batches come out tight only when the call holds many budgets of tokens. Padding of the
 # movie reviews (about 200 tokens a row) measured with `stages.micro_batches`: CPU budget 4,096,
 # 1,024-row calls: 2.9%; GPU budget 65,536: 25.5% with 1,024-row calls, 3.0% with 16,384.
+# Results (and shard commits) stream a call at a time. With several GPUs, a job of fewer than
+# 16,384 rows per GPU leaves some of them idle.
 INFER_ROWS = {"cpu": ROWS_PER_BLOCK, "cuda": 16 * ROWS_PER_BLOCK}
 
 
@@ -127,7 +129,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
     # With --stride the score task windows long documents itself: tokenize them whole.
     max_length = NO_TRUNCATION if options.task_options.stride else options.max_length
     # Blocks of at most ROWS_PER_BLOCK rows (a read task may concatenate whole files into one):
-    # they spread over the actors and stream, so results (and shards) are done a block at a time.
+    # they spread over the tokenizer actors and stream; Infer takes INFER_ROWS of them at a time.
     ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
     ds = ds.map_batches(
         Tokenize,

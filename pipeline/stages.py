@@ -141,8 +141,8 @@ def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
     32 MiB heap-reuse limit. Above it every allocation is a fresh mmap whose pages fault in on first
     touch: measured on the small benchmark model, 8,192 tokens ran 15% slower than 4,096 (copies and
     LayerNorms 3x slower), and 4,096 matched 2,048. GPU: a quarter of the free memory over a rough
-    size of the activations alive at once per token, (8 H + 2 I) elements; a CUDA out-of-memory
-    halves it (Infer.run_rows). Not measured on a GPU yet."""
+    size of the activations alive at once per token, (8 H + 2 I) elements, capped at MAX_BUDGET (an
+    H200 gets the cap for roberta-base); a CUDA out-of-memory halves it (Infer.run_rows)."""
     if device.type == "cpu":
         tokens = HEAP_REUSE_LIMIT // (config.intermediate_size * dtype.itemsize)
     else:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")

@@ -118,14 +118,19 @@ def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, mo
 
 
 def test_bfloat16_keeps_labels_and_logits_near_transformers(checkpoints, reviews):
-    """bfloat16 on CPU against transformers in float32 on 200 real reviews: every label the same,
-    logits within 3% of the largest reference logit (measured: 1.1%)."""
+    """bfloat16 on CPU against transformers in float32 on 200 real reviews: logits within 3% of the
+    largest reference logit (measured: 1.1%), and the same label wherever the reference's top two
+    logits are further apart than twice that (a random classifier has near-ties, which bf16 kernels
+    of other CPUs may round either way)."""
     texts = reviews[:200]
     tokens = Tokenize(str(checkpoints["classifier"]))(table(texts))
     out = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), dtype="bfloat16", device="cpu")(tokens)
     got, expected = np.stack(out["logits"].to_numpy(zero_copy_only=False)), reference.classify(checkpoints["classifier"], texts)
-    assert (got.argmax(1) == expected.argmax(1)).all()
-    assert np.abs(got - expected).max() <= 0.03 * np.abs(expected).max()
+    tolerance = 0.03 * np.abs(expected).max()
+    assert np.abs(got - expected).max() <= tolerance
+    top2 = np.sort(expected, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
+    assert clear.mean() > 0.5 and (got.argmax(1) == expected.argmax(1))[clear].all()
 
 
 def test_classify_text_pairs(checkpoints, texts):
