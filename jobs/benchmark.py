@@ -87,7 +87,8 @@ import torch
 from jobs.bench_tasks import BENCHES, SIZES, Bench, corpus
 from model import RobertaConfig, RobertaTokenizer
 from pipeline.runner import INFER_ROWS
-from pipeline.stages import Infer, Tokenize, micro_batches
+from pipeline.stages import Infer, micro_batches
+from pipeline.tokenize import Tokenize
 
 MARKER = "RAYBERTA_BENCH_RUN"  # environment variable naming the end-to-end run a process belongs to
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -119,12 +118,12 @@ def _add_special_tokens(backend: Tokenizer, specials: dict[str, str | None], fla
 
 
 def _as_id_list(ids: Any) -> list:
-    """Token ids from a list, numpy array or torch tensor as plain Python ints (lists nest for 2-D)."""
-    if isinstance(ids, (torch.Tensor, np.ndarray)):
-        return ids.tolist()
-    if isinstance(ids, (int, np.integer)):
-        return [int(ids)]
-    return [i.tolist() if isinstance(i, (torch.Tensor, np.ndarray)) else i for i in ids]
+    """Token ids from a list, numpy array or torch tensor as plain Python ints (lists nest for 2-D).
+    Arrays and tensors are recognised by their `tolist`: the tokenizer never imports torch."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    if isinstance(ids, int):
+        return [ids]
+    return [i.tolist() if hasattr(i, "tolist") else i for i in ids]
 
 
 class RobertaTokenizer:
@@ -298,6 +297,8 @@ class RobertaTokenizer:
         arrays = {key: np.array(rows, dtype=np.int64).reshape(len(rows), -1) if rows else np.zeros((0, 0), np.int64)
                   for key, rows in output.items()}
         if return_tensors == "pt":
+            import torch  # only here: tokenizing alone needs no torch
+
             return BatchEncoding({key: torch.from_numpy(a) for key, a in arrays.items()})
         return BatchEncoding(arrays)
 

@@ -11,64 +11,28 @@ the kept columns and the task's output columns, so calls chain with the rest of 
 `pipeline.run(...)` is the whole job the CLI and `jobs/` run: Parquet in, Parquet out, a summary back.
 """
 
-from __future__ import annotations
+import importlib
 
-import pyarrow as pa
-import ray
+# Names the package exports -> the module defining each, imported on first access (PEP 562): so
+# `import pipeline.tokenize` (the tokenizer actors) imports neither torch nor the runner.
+_EXPORTS = {
+    "classify": "pipeline.api",
+    "embed": "pipeline.api",
+    "fill_mask": "pipeline.api",
+    "score": "pipeline.api",
+    "InputError": "pipeline.tokenize",
+    "JobInterrupted": "pipeline.runner",
+    "Options": "pipeline.runner",
+    "Summary": "pipeline.runner",
+    "run": "pipeline.runner",
+    "TaskError": "pipeline.tasks",
+    "TaskOptions": "pipeline.tasks",
+}
 
-from pipeline.runner import DEFAULT_ID, JobInterrupted, Options, Summary, build, check_schema, init_ray, job_columns, run
-from pipeline.stages import InputError
-from pipeline.tasks import TaskError, TaskOptions, make_task
-
-__all__ = ["InputError", "JobInterrupted", "Options", "Summary", "TaskError", "TaskOptions", "classify", "embed", "fill_mask", "run", "score"]
-
-
-def as_dataset(data) -> ray.data.Dataset:
-    init_ray()
-    if isinstance(data, ray.data.Dataset):
-        return data
-    if isinstance(data, (str, list)):
-        return ray.data.read_parquet(data)
-    if isinstance(data, pa.Table):
-        return ray.data.from_arrow(data)
-    if hasattr(data, "to_parquet"):  # pandas DataFrame, without importing pandas here
-        return ray.data.from_arrow(pa.Table.from_pandas(data, preserve_index=False))
-    raise TypeError(f"expected a ray.data.Dataset, Parquet path(s), pandas DataFrame or pyarrow Table, not {type(data).__name__}")
+__all__ = sorted(_EXPORTS)
 
 
-def apply(task: str, data, model: str, text_column: str = "text", id_column: str = DEFAULT_ID,
-          keep_columns=(), **settings) -> ray.data.Dataset:  # fmt: skip
-    """Run `task` over `data` lazily. settings: the fields of `Options` and of `TaskOptions`."""
-    task_fields = TaskOptions.__dataclass_fields__
-    task_options = TaskOptions(**{k: v for k, v in settings.items() if k in task_fields})
-    options = Options(task=task, model=str(model), text_column=text_column, id_column=id_column,
-                      keep_columns=tuple(keep_columns), task_options=task_options,
-                      **{k: v for k, v in settings.items() if k not in task_fields})  # fmt: skip
-    make_task(task, options.model, task_options).check()
-    ds = as_dataset(data)
-    schema = ds.schema().base_schema
-    if not isinstance(schema, pa.Schema):  # a dataset of pandas blocks: look at one row as Arrow
-        schema = ds.take_batch(1, batch_format="pyarrow").schema
-    if check_schema(schema, options, "dataset"):
-        raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
-    return build(ds.select_columns(job_columns(options)), options)
-
-
-def classify(data, model, **kwargs) -> ray.data.Dataset:
-    """Columns label, label_id, score, probs (or labels / score for multi-label / regression)."""
-    return apply("classify", data, model, **kwargs)
-
-
-def embed(data, model, **kwargs) -> ray.data.Dataset:
-    """Column embedding (fixed-size list of float32)."""
-    return apply("embed", data, model, **kwargs)
-
-
-def fill_mask(data, model, **kwargs) -> ray.data.Dataset:
-    """Column predictions: per <mask>, the top-k tokens with ids and probabilities."""
-    return apply("fill-mask", data, model, **kwargs)
-
-
-def score(data, model, **kwargs) -> ray.data.Dataset:
-    """Columns log_likelihood, num_tokens, perplexity."""
-    return apply("score", data, model, **kwargs)
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

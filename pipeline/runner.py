@@ -36,7 +36,8 @@ import ray
 
 from model import RobertaTokenizer
 from pipeline import shards, storage
-from pipeline.stages import Infer, InputError, Tokenize, is_text
+from pipeline.stages import Infer
+from pipeline.tokenize import InputError, Tokenize, is_text
 from pipeline.storage import Shard
 from pipeline.tasks import TaskOptions, make_task
 

@@ -69,10 +69,10 @@ def test_dtype_and_meta_build(masked_lm_dir, dtype):
 def test_our_save_is_read_by_transformers(tmp_path):
     """Checkpoints saved with our own code (benchmarks use them) load in transformers unchanged."""
     for kind in ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification"]:
-        mine = ours.__dict__[kind].from_pretrained(save(reference(kind), tmp_path / kind))
+        mine = getattr(ours, kind).from_pretrained(save(reference(kind), tmp_path / kind))
         mine.save_pretrained(tmp_path / f"ours-{kind}")
         ref = getattr(transformers, kind).from_pretrained(tmp_path / f"ours-{kind}").eval()
-        again = ours.__dict__[kind].from_pretrained(tmp_path / f"ours-{kind}")
+        again = getattr(ours, kind).from_pretrained(tmp_path / f"ours-{kind}")
         ids, mask, _ = padded_batch([5, 9])
         with torch.no_grad():
             close(mine(ids, mask)[0], ref(ids, mask)[0])

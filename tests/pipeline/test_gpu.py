@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.stages import Infer, Tokenize
+from pipeline.stages import Infer
+from pipeline.tokenize import Tokenize
 from pipeline.tasks import TaskOptions
 from tests.pipeline import reference
 

@@ -8,8 +8,9 @@ import torch
 import transformers
 
 from model import RobertaConfig
-from pipeline.stages import HEAP_REUSE_LIMIT, Infer, InputError, Tokenize, micro_batches, pad, token_budget
+from pipeline.stages import HEAP_REUSE_LIMIT, Infer, micro_batches, pad, token_budget
 from pipeline.tasks import TaskError, TaskOptions, make_task
+from pipeline.tokenize import InputError, Tokenize
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -239,7 +240,8 @@ def refuse(*args, **kwargs):
 socket.socket.connect = socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 import pyarrow as pa
-from pipeline.stages import Infer, Tokenize
+from pipeline.stages import Infer
+from pipeline.tokenize import Tokenize
 model = {str(checkpoints["masked_lm"])!r}
 batch = Tokenize(model)(pa.table({{"id": [1], "text": ["The movie was <mask>."]}}))
 print(Infer(model, "fill-mask", device="cpu")(batch)["predictions"][0].as_py()[0][0]["token"] is not None)
