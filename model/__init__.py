@@ -24,4 +24,8 @@ __all__ = ["ConfigError", "RobertaConfig", "RobertaTokenizer", *_TORCH_BACKED]
 def __getattr__(name: str):
     if name in _TORCH_BACKED:
         return getattr(importlib.import_module(_TORCH_BACKED[name]), name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_TORCH_BACKED])

@@ -1,4 +1,4 @@
-"""Stages on plain Arrow tables, no Ray: tokenization, packing, and every task against transformers,
+"""The inference stage on plain Arrow tables, no Ray: packing, and every task against transformers,
 whatever the micro-batch composition or row order."""
 
 import numpy as np
@@ -10,20 +10,10 @@ import transformers
 from model import RobertaConfig
 from pipeline.stages import HEAP_REUSE_LIMIT, Infer, micro_batches, pad, token_budget
 from pipeline.tasks import TaskError, TaskOptions, make_task
-from pipeline.tokenize import InputError, Tokenize
-from tests.pipeline import reference
+from pipeline.tokenize import Tokenize
+from tests.pipeline import reference, table
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def texts(reviews):
-    # long IMDB reviews (truncated at 128 tokens), short ones, an empty and a whitespace-only text
-    return reviews[:14] + ["", "   ", "Fine."]
-
-
-def table(texts, **extra):
-    return pa.table({"id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(texts, pa.string()), **extra})
 
 
 def run_infer(model_dir, task, texts, budget=None, shuffle_seed=None, pairs=None, **task_options):
@@ -53,26 +43,6 @@ def test_pad_gathers_rows_of_a_flat_list_column():
     ids, mask = pad(values, offsets, np.array([2, 0]), pad_id=-1)
     assert ids.tolist() == [[4, 5, 6, 7, 8, 9], [0, 1, 2, -1, -1, -1]]
     assert mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
-
-
-def test_tokenize_matches_reference_and_handles_nulls(checkpoints, texts):
-    directory = checkpoints["classifier"]
-    ref = transformers.AutoTokenizer.from_pretrained(directory)
-    out = Tokenize(str(directory))(table(texts + [None]))
-    assert out["input_ids"].type == pa.list_(pa.int32())
-    expected = ref(texts + [""], truncation=True, max_length=reference.MAX_TOKENS)["input_ids"]
-    assert out["input_ids"].to_pylist() == expected
-    assert out["input_tokens"].to_pylist() == [len(e) for e in expected]
-    assert out["truncated"].to_pylist()[0] == (len(ref(texts[0])["input_ids"]) > reference.MAX_TOKENS)
-    assert "text" not in out.column_names and out["id"].to_pylist() == list(range(len(texts) + 1))
-
-
-def test_tokenize_errors_name_the_column(checkpoints):
-    tokenize = Tokenize(str(checkpoints["classifier"]))
-    with pytest.raises(InputError, match=r"column 'text' not found; available columns: \['id', 'body'\]"):
-        tokenize(pa.table({"id": [1], "body": ["x"]}))
-    with pytest.raises(InputError, match="column 'text' has type int64, expected strings"):
-        tokenize(pa.table({"id": [1], "text": [3]}))
 
 
 @pytest.mark.parametrize("budget, seed", [(None, None), (300, 1), (64, 2)])
@@ -208,24 +178,6 @@ def test_task_needs_the_right_head(checkpoints):
         make_task("fill-mask", str(checkpoints["classifier"])).check()
     with pytest.raises(TaskError, match="unknown task 'translate'"):
         make_task("translate", str(checkpoints["classifier"]))
-
-
-def test_a_row_the_tokenizer_cannot_take_fails_alone(checkpoints, monkeypatch):
-    tokenize = Tokenize(str(checkpoints["classifier"]))
-    encode = tokenize.tokenizer.encode_batch
-
-    def fragile(texts, pairs=None, max_length=None):
-        if any("boom" in t for t in texts):
-            raise RuntimeError("cannot encode boom")
-        return encode(texts, pairs, max_length=max_length)
-
-    monkeypatch.setattr(tokenize.tokenizer, "encode_batch", fragile)
-    out = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(tokenize(table(["good one", "boom", "fine"])))
-    assert out["error"].to_pylist() == [None, "tokenizer failed: RuntimeError: cannot encode boom", None]
-    assert out["label"].to_pylist()[1] is None and None not in out["label"].to_pylist()[::2]
-    alone = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(Tokenize(str(checkpoints["classifier"]))(table(["good one", "fine"])))
-    np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False)[::2]),
-                               np.stack(alone["probs"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
 
 
 def test_stages_need_no_network(checkpoints):

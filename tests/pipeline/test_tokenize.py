@@ -1,11 +1,22 @@
-"""The tokenizer stage imports no torch (its behaviour against transformers is in test_stages.py)."""
+"""The tokenizer stage on plain Arrow tables, no Ray: equal to transformers' tokenizer, clear errors,
+a failing row failing alone, and no torch."""
 
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
+import pytest
+import transformers
+
+from pipeline.stages import Infer
+from pipeline.tokenize import InputError, Tokenize
+from tests.pipeline import reference, table
+
 CHECK = """
 import sys
 import pyarrow as pa
+import ray.data
 from pipeline.tokenize import Tokenize
 out = Tokenize({model!r})(pa.table({{"id": [1], "text": ["A fine film."]}}))
 assert out["input_tokens"][0].as_py() > 2
@@ -18,3 +29,41 @@ def test_tokenizer_stage_imports_no_torch(checkpoints):
     out = subprocess.run([sys.executable, "-c", CHECK.format(model=str(checkpoints["classifier"]))],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+def test_tokenize_matches_reference_and_handles_nulls(checkpoints, texts):
+    directory = checkpoints["classifier"]
+    ref = transformers.AutoTokenizer.from_pretrained(directory)
+    out = Tokenize(str(directory))(table(texts + [None]))
+    assert out["input_ids"].type == pa.list_(pa.int32())
+    expected = ref(texts + [""], truncation=True, max_length=reference.MAX_TOKENS)["input_ids"]
+    assert out["input_ids"].to_pylist() == expected
+    assert out["input_tokens"].to_pylist() == [len(e) for e in expected]
+    assert out["truncated"].to_pylist()[0] == (len(ref(texts[0])["input_ids"]) > reference.MAX_TOKENS)
+    assert "text" not in out.column_names and out["id"].to_pylist() == list(range(len(texts) + 1))
+
+
+def test_tokenize_errors_name_the_column(checkpoints):
+    tokenize = Tokenize(str(checkpoints["classifier"]))
+    with pytest.raises(InputError, match=r"column 'text' not found; available columns: \['id', 'body'\]"):
+        tokenize(pa.table({"id": [1], "body": ["x"]}))
+    with pytest.raises(InputError, match="column 'text' has type int64, expected strings"):
+        tokenize(pa.table({"id": [1], "text": [3]}))
+
+
+def test_a_row_the_tokenizer_cannot_take_fails_alone(checkpoints, monkeypatch):
+    tokenize = Tokenize(str(checkpoints["classifier"]))
+    encode = tokenize.tokenizer.encode_batch
+
+    def fragile(texts, pairs=None, max_length=None):
+        if any("boom" in t for t in texts):
+            raise RuntimeError("cannot encode boom")
+        return encode(texts, pairs, max_length=max_length)
+
+    monkeypatch.setattr(tokenize.tokenizer, "encode_batch", fragile)
+    out = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(tokenize(table(["good one", "boom", "fine"])))
+    assert out["error"].to_pylist() == [None, "tokenizer failed: RuntimeError: cannot encode boom", None]
+    assert out["label"].to_pylist()[1] is None and None not in out["label"].to_pylist()[::2]
+    alone = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(Tokenize(str(checkpoints["classifier"]))(table(["good one", "fine"])))
+    np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False)[::2]),
+                               np.stack(alone["probs"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
