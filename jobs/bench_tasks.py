@@ -82,6 +82,7 @@ class Bench:
     batch = 32  # texts per baseline batch
     sorted_baseline = True
     rows, max_length = 1500, None  # defaults of --rows and --max-length (None: the model's positions)
+    last_layer_at_head = False  # rayberta runs the last layer only where the head reads (one position per pass)
 
     def checkpoint(self, workdir: Path, size: str) -> Path:
         raise NotImplementedError
@@ -111,6 +112,7 @@ class Bench:
 
 class Classify(Bench):
     name, task, auto_class = "classify", "classify", "AutoModelForSequenceClassification"
+    last_layer_at_head = True
 
     def checkpoint(self, workdir, size):
         return make_checkpoint(workdir / f"roberta-{size}-classify", size, RobertaForSequenceClassification,
@@ -213,7 +215,7 @@ class ScorePseudo(Score):
     text, so there is no sorted baseline."""
 
     name, auto_class = "score-pseudo", "AutoModelForMaskedLM"
-    batch, sorted_baseline = 1, False
+    batch, sorted_baseline, last_layer_at_head = 1, False, True
     rows, max_length = 60, 64
     COPIES = 32  # copies per forward
 

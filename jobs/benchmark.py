@@ -44,14 +44,18 @@ Definitions:
 - x_usual, x_sorted = tokens_per_s / that of transformers_usual, transformers_sorted.
 - limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype / FLOPs per token, and
   fraction_of_limit = tokens_per_s / limit's tokens_per_s, where over the rows' real lengths T_i
-      FLOPs/token = [sum_i c_i T_i (2 P + 4 L H T_i) + F_head sum_i s_i] / sum_i T_i
-  P = L (4 H^2 + 2 H I) block weights; 4 L H T_i = QK^T and attention x V per token (full T x T,
-  as dense kernels compute it, causal too); c_i = encoder passes of row i (1; T_i - 2 for
-  pseudo-LL); s_i = positions where the head runs and F_head its FLOPs there: classify 1 (<s>),
-  2 (H^2 + H x labels); embed 0; score-causal T_i - 1 and score-pseudo T_i - 2 scored positions,
-  LM head 2 (H^2 + H V). With c_i = 1 and no head it is 2 P + 4 L H T_eff, T_eff = sum T_i^2 / sum T_i.
-  It counts the work the task needs: a baseline that does more (the LM head at every position)
-  shows it as a lower fraction. On a GPU the matmul is 8192 x 8192 (2048 does not fill it), and
+      FLOPs/token = [sum_i c_i E(T_i) + F_head sum_i s_i] / sum_i T_i
+  E(T) = T L f(T) = the encoder's FLOPs for one pass over T tokens, where f(T) = 2 (4 H^2 + 2 H I)
+  + 4 H T is one layer's per token: its weights, then QK^T and attention x V (full T x T, as dense
+  kernels compute it, causal too). classify and score-pseudo need the last layer at one position
+  per pass only (the head reads <s> / the masked token; `RobertaModel.hidden_at`), so for them
+  E(T) = T ((L - 1) f(T) + 4 H^2) + f(T) - 4 H^2: keys and values at every position, the rest of
+  the last layer at that one. c_i = encoder passes of row i (1; T_i - 2 for pseudo-LL); s_i =
+  positions where the head runs and F_head its FLOPs there: classify 1 (<s>), 2 (H^2 + H x labels);
+  embed 0; score-causal T_i - 1 and score-pseudo T_i - 2 scored positions, LM head 2 (H^2 + H V).
+  For embed it is 2 P + 4 L H T_eff, P = L (4 H^2 + 2 H I) block weights, T_eff = sum T_i^2 / sum T_i.
+  It counts the work the task needs: a baseline that does more (the whole last layer, the LM head
+  at every position) shows it as a lower fraction. On a GPU the matmul is 8192 x 8192 (2048 does not fill it), and
   fraction_of_limit is the MFU against that measured rate.
 - gpu_busy (--device cuda): NVML's GPU utilization (the fraction of time a kernel was running),
   sampled every 0.1 s and averaged from the first to the last sample in which the GPU was busy;
@@ -320,7 +324,12 @@ def flops_per_token(bench: Bench, config: RobertaConfig, lengths: np.ndarray) ->
     """The module docstring's formula."""
     H, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     T = lengths.astype(np.float64)
-    encoder = (bench.copies(T) * T * (2 * L * (4 * H * H + 2 * H * inter) + 4 * L * H * T)).sum()
+    layer = 2 * (4 * H * H + 2 * H * inter) + 4 * H * T  # f(T), per token
+    if bench.last_layer_at_head:
+        encoder = T * ((L - 1) * layer + 4 * H * H) + layer - 4 * H * H
+    else:
+        encoder = T * L * layer
+    encoder = (bench.copies(T) * encoder).sum()
     return float((encoder + bench.head_flops(config) * bench.head_positions(T).sum()) / T.sum())
 
 

@@ -198,8 +198,10 @@ class Block(nn.Module):
                 x, encoder_bias, encoder_states, past and past[2:] or None, head_mask, output_attentions
             )
             present = present + cross_kv
-        x = self.mlp_norm(x + self.dropout(self.mlp_down(self.act(self.mlp_up(x)))))
-        return x, present, attn, cross
+        return self.feed_forward(x), present, attn, cross
+
+    def feed_forward(self, x):  # (B, T, H) -> (B, T, H): the MLP and its post-LayerNorm residual
+        return self.mlp_norm(x + self.dropout(self.mlp_down(self.act(self.mlp_up(x)))))
 
 
 def attention_bias(mask, T: int, S: int, causal: bool, dtype, device) -> torch.Tensor | None:
@@ -305,6 +307,25 @@ class RobertaModel(PreTrained):
             cross_attentions=tuple(cross_attentions) if output_attentions and encoder_hidden_states is not None else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def hidden_at(self, input_ids, attention_mask, index) -> torch.Tensor:
+        """The last hidden state at `index` only: input_ids, attention_mask (B, T), index (B, n)
+        positions -> (B, n, H), equal to `forward(...).last_hidden_state` gathered at `index`.
+
+        The inference path for callers whose head reads a few positions per row (classify: <s>;
+        pseudo-log-likelihood: the masked token). The last layer computes keys and values at every
+        position, but queries, attention, output projection and MLP only at `index`: 4 H^2 of its
+        8 H^2 + 4 H I weight FLOPs per token, a sixth less work for a 6-layer encoder."""
+        x = self.embeddings(input_ids, None, None, None, 0)  # (B, T, H)
+        T = x.shape[1]
+        bias = attention_bias(attention_mask, T, T, self.config.is_decoder, x.dtype, x.device)  # (B|1, 1, T|1, T)
+        for layer in self.layers[:-1]:
+            x = layer(x, bias, None, None, None, None, False)[0]
+        if bias is not None and bias.shape[2] > 1:  # causal: keep the bias rows of the kept queries
+            bias = bias.expand(len(x), 1, T, T).gather(2, index[:, None, :, None].expand(-1, 1, -1, T))
+        queries = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, H)
+        last = self.layers[-1]
+        return last.feed_forward(last.attention(queries, bias, kv_input=x)[0])
 
     def head_masks(self, head_mask, dtype) -> list:
         """(nh,) or (L, nh) head mask -> one (1, nh, 1, 1) multiplier per layer (or Nones)."""

@@ -106,7 +106,8 @@ class Classify(Task):
         return model
 
     def run(self, model, ids, mask, budget):
-        return {"logits": model(ids, mask).logits.float().cpu().numpy()}  # (B, num_labels)
+        first = torch.zeros(len(ids), 1, dtype=torch.long, device=ids.device)  # the head reads <s> only
+        return {"logits": model.classifier(model.roberta.hidden_at(ids, mask, first)).float().cpu().numpy()}  # (B, num_labels)
 
     def columns(self, outputs):
         logits = outputs["logits"]
@@ -241,9 +242,11 @@ class Score(Task):
             targets = window_ids[job, at]
             if self.method == "pseudo":
                 window_ids[job, at] = self.mask_token_id  # one target per copy
-            hidden = model.roberta(window_ids, window_mask).last_hidden_state  # (C, W, H)
-            # causal: token t is predicted by the state at t-1; pseudo: by the masked state at t
-            lp.append(self.token_log_probs(model, hidden[job, at - int(self.method == "causal")], targets))
+            if self.method == "causal":  # token t is predicted by the state at t-1
+                hidden = model.roberta(window_ids, window_mask).last_hidden_state[job, at - 1]  # (N, H)
+            else:  # by the masked state at t, one per copy (job is 0..C-1): the last layer runs only there
+                hidden = model.roberta.hidden_at(window_ids, window_mask, at[:, None])[:, 0]  # (C, H)
+            lp.append(self.token_log_probs(model, hidden, targets))
             rows.append(torch.tensor([chunk[i][0] for i in job.tolist()], device=ids.device))
         lp = torch.cat(lp) if lp else torch.zeros(0, device=ids.device)
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=ids.device)

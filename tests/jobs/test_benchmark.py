@@ -4,9 +4,14 @@ asserted (that is the benchmark's own output, not a test's)."""
 
 import shutil
 
+import numpy as np
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from jobs import benchmark
+from jobs.bench_tasks import BENCHES
+from pipeline.tasks import make_task
 
 
 @pytest.fixture
@@ -28,3 +33,22 @@ def test_runs_side_by_side_on_the_same_rows(workdir, task, quality):
         assert stage["padding"] <= usual["padding"]
     assert 0 < stage["fraction_of_limit"] and results["limit"]["tokens_per_s"] > 0
     assert results["batch_tokens"] == stage["batch_tokens"] > 0
+
+
+
+@pytest.mark.parametrize("task, head", [("classify", "classifier"), ("embed", "base"), ("score-causal", "causal_lm"),
+                                        ("score-pseudo", "masked_lm")])  # fmt: skip
+def test_flops_per_token_counts_what_the_task_computes(checkpoints, task, head):
+    """The limit's formula (module docstring) against torch's FLOP counter over the task's run, on
+    rows of one length (no padding): every matmul of encoder and head, attention included."""
+    bench = BENCHES[task]
+    runner = make_task(bench.task, str(checkpoints[head]), bench.options)
+    model = runner.load("float32", torch.device("cpu"))
+    B, T = 3, 12
+    ids = torch.randint(10, 300, (B, T))
+    ids[:, 0], ids[:, -1] = model.config.bos_token_id, model.config.eos_token_id
+    # torch's table lacks the CPU attention kernel: counted as its other attention kernels are
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.inference_mode():
+        runner.run(model, ids, torch.ones_like(ids), budget=10**6)
+    assert counter.get_total_flops() == pytest.approx(benchmark.flops_per_token(bench, model.config, np.full(B, T)) * B * T)

@@ -44,6 +44,19 @@ def test_base_model_matches_reference(tmp_path, type_vocab_size, hidden_act):
         close(a, b)
 
 
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_hidden_at_equals_the_reference_last_hidden_state_there(tmp_path, is_decoder):
+    """`hidden_at` runs the last layer's queries only at the given positions (two per row here,
+    one of them on padding) and must give the reference's last hidden state at those positions."""
+    ref, mine = load_pair(tmp_path, "RobertaModel", is_decoder=is_decoder)
+    ids, mask, _ = padded_batch(LENGTHS)
+    index = torch.tensor([[0, 3], [2, 8], [11, 0], [1, 5]])  # (B, n); row 1's 8 and row 3's 5 are pads
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = mine.hidden_at(ids, mask, index)
+    close(got, expected.gather(1, index[..., None].expand(-1, -1, expected.shape[-1])))
+
+
 def test_position_ids_are_padding_aware():
     """RoBERTa positions start at pad+1 and count real tokens only; pads keep the pad position."""
     m = ours.RobertaModel(ours.RobertaConfig(**{k: v for k, v in __import__("tests.checkpoints").checkpoints.TINY.items()}))
