@@ -1,6 +1,7 @@
 """The benchmark's tasks, one small class each: the checkpoint it runs, the transformers baseline's
-head, how rayberta's output columns compare with the baseline's, and where its head runs (for the
-FLOPs count). `jobs/benchmark.py` runs every task the same way.
+head, how rayberta's output columns compare with the baseline's, and where its head runs and
+whether rayberta's last layer runs only there (`last_layer_at_head`; both for the FLOPs count).
+`jobs/benchmark.py` runs every task the same way.
 
 Checkpoints: RoBERTa with random weights saved with our own code and a byte-level BPE trained on
 the corpus (`small` = 6 layers x 384, `base` = roberta-base's shape), except `embed`, which always

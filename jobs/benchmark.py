@@ -42,8 +42,8 @@ Definitions:
 - padding = padded / computed positions: of the baselines' batches, and of the model stage's
   micro-batches (length-sorted, cut by the token budget; pseudo-LL counts each row's copies).
 - x_usual, x_sorted = tokens_per_s / that of transformers_usual, transformers_sorted.
-- limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype (before the runs and after;
-  the faster) / FLOPs per token, and
+- limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype, before the runs and after
+  (the faster counts), over FLOPs per token; and
   fraction_of_limit = tokens_per_s / limit's tokens_per_s, where over the rows' real lengths T_i
       FLOPs/token = [sum_i c_i E(T_i) + F_head sum_i s_i] / sum_i T_i
   E(T) = T L f(T) = the encoder's FLOPs for one pass over T tokens, where f(T) = 2 (4 H^2 + 2 H I)
@@ -56,8 +56,8 @@ Definitions:
   embed 0; score-causal T_i - 1 and score-pseudo T_i - 2 scored positions, LM head 2 (H^2 + H V).
   For embed it is 2 P + 4 L H T_eff, P = L (4 H^2 + 2 H I) block weights, T_eff = sum T_i^2 / sum T_i.
   It counts the work the task needs: a baseline that does more (the whole last layer, the LM head
-  at every position) shows it as a lower fraction. On a GPU the matmul is 8192 x 8192 (2048 does not fill it), and
-  fraction_of_limit is the MFU against that measured rate.
+  at every position) shows it as a lower fraction. On a GPU the matmul is 8192 x 8192 (2048 does
+  not fill it), and fraction_of_limit is the MFU against that measured rate.
 - gpu_busy (--device cuda): NVML's GPU utilization (the fraction of time a kernel was running),
   sampled every 0.1 s and averaged from the first to the last sample in which the GPU was busy;
   gpu_busy_s is that span. In-process it covers the model stage's calls; end to end it opens at

@@ -244,8 +244,10 @@ class Score(Task):
                 window_ids[job, at] = self.mask_token_id  # one target per copy
             if self.method == "causal":  # token t is predicted by the state at t-1
                 hidden = model.roberta(window_ids, window_mask).last_hidden_state[job, at - 1]  # (N, H)
-            else:  # by the masked state at t, one per copy (job is 0..C-1): the last layer runs only there
-                hidden = model.roberta.hidden_at(window_ids, window_mask, at[:, None])[:, 0]  # (C, H)
+            else:  # by the masked state at t, one target per copy: the last layer runs only there
+                index = torch.zeros(len(chunk), 1, dtype=torch.long, device=ids.device)
+                index[job, 0] = at  # (C, 1)
+                hidden = model.roberta.hidden_at(window_ids, window_mask, index)[job, 0]  # (N, H), N = C
             lp.append(self.token_log_probs(model, hidden, targets))
             rows.append(torch.tensor([chunk[i][0] for i in job.tolist()], device=ids.device))
         lp = torch.cat(lp) if lp else torch.zeros(0, device=ids.device)

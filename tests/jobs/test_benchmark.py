@@ -1,6 +1,7 @@
 """jobs/benchmark.py on a few rows, without the end-to-end CLI runs: every run sees the same rows,
-rayberta agrees with transformers, and the figures the README quotes are computed. No timing is
-asserted (that is the benchmark's own output, not a test's)."""
+rayberta agrees with transformers, and the figures the README quotes are computed; the limit's
+FLOPs/token formula against torch's FLOP counter. No timing is asserted (that is the benchmark's
+own output, not a test's)."""
 
 import shutil
 
@@ -33,7 +34,6 @@ def test_runs_side_by_side_on_the_same_rows(workdir, task, quality):
         assert stage["padding"] <= usual["padding"]
     assert 0 < stage["fraction_of_limit"] and results["limit"]["tokens_per_s"] > 0
     assert results["batch_tokens"] == stage["batch_tokens"] > 0
-
 
 
 @pytest.mark.parametrize("task, head", [("classify", "classifier"), ("embed", "base"), ("score-causal", "causal_lm"),
