@@ -43,3 +43,22 @@ def test_cuda_out_of_memory_halves_the_budget(checkpoints, reviews):
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert infer.budget < 2**22
     np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)), expected, atol=1e-4)
+
+
+def test_cuda_score_and_embed_equal_transformers(checkpoints, reviews):
+    """The other heads' CUDA paths in fp32: pseudo-log-likelihood (masked copies packed across texts,
+    the last layer and the LM head at each copy's masked token only), causal log-likelihood (chunked
+    log-softmax) and mean-pooled embeddings."""
+    texts = [t[:120] for t in reviews[:12]] + ["", "Fine."]
+
+    def infer(model_dir, task):
+        tokens = Tokenize(str(model_dir))(pa.table({"id": np.arange(len(texts)), "text": texts}))
+        return Infer(str(model_dir), task, TaskOptions(), device="cuda", batch_tokens=512)(tokens).sort_by("id")
+
+    for kind, expected in (("masked_lm", reference.pseudo_log_likelihood(checkpoints["masked_lm"], texts)),
+                           ("causal_lm", reference.causal_log_likelihood(checkpoints["causal_lm"], texts))):  # fmt: skip
+        out = infer(checkpoints[kind], "score")
+        np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected], rtol=1e-4, atol=1e-3)
+        assert out["num_tokens"].to_pylist() == [e[1] for e in expected]
+    embedding = np.stack(infer(checkpoints["base"], "embed")["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(embedding, reference.embed(checkpoints["base"], texts), atol=1e-4)
