@@ -8,7 +8,7 @@
 set -u
 out=${1:?usage: infra/gpu-check.sh OUT_DIR [ROWS] [SCALE]}
 rows=${2:-20000}
-scale=${3:-5}
+scale=${3:-20}
 mkdir -p "$out" && out=$(cd "$out" && pwd) && cd "$(dirname "$0")/.." || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 python3 -c "import torch, ray, transformers, tokenizers, pynvml; assert torch.cuda.is_available(), 'no CUDA device'

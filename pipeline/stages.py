@@ -41,6 +41,15 @@ def pad(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int) 
     return ids, mask.astype(np.int64)
 
 
+def to_host(parts: list[torch.Tensor | np.ndarray]) -> np.ndarray:
+    """One output's micro-batch parts -> one numpy array. For device tensors this is the call's one
+    wait for the GPU: until then the host cuts, pads and queues the next micro-batches while the GPU
+    computes (reading each result back at once left the GPU idle while the host prepared the next)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts).cpu().numpy()
+    return np.concatenate(parts)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +118,7 @@ class Infer:
         if not parts:
             return batch
         inverse = np.argsort(np.concatenate(order))  # sorted position of each original row
-        outputs = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+        outputs = {k: to_host([p[k] for p in parts])[inverse] for k in parts[0]}
         errors = batch["error"] if "error" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
         failed = pc.is_valid(errors) if errors.null_count < batch.num_rows else None
         for name, array in self.task.columns(outputs).items():

@@ -79,8 +79,10 @@ class Task:
         """Tokens one row of `length` tokens puts through the encoder (the token budget counts these)."""
         return length
 
-    def run(self, model, ids: torch.Tensor, mask: torch.Tensor, budget: int) -> dict[str, np.ndarray]:
-        """ids, mask (B, T) right-padded on the model's device -> per-row outputs, first dim B."""
+    def run(self, model, ids: torch.Tensor, mask: torch.Tensor, budget: int) -> dict[str, torch.Tensor | np.ndarray]:
+        """ids, mask (B, T) right-padded on the model's device -> per-row outputs, first dim B:
+        tensors left on the device where the task can (Infer copies them to the host once per call,
+        so that a GPU never waits between micro-batches for the host to read a result), else numpy."""
         raise NotImplementedError
 
     def columns(self, outputs: dict[str, np.ndarray]) -> dict[str, pa.Array]:
@@ -107,7 +109,7 @@ class Classify(Task):
 
     def run(self, model, ids, mask, budget):
         first = torch.zeros(len(ids), 1, dtype=torch.long, device=ids.device)  # the head reads <s> only
-        return {"logits": model.classifier(model.roberta.hidden_at(ids, mask, first)).float().cpu().numpy()}  # (B, num_labels)
+        return {"logits": model.classifier(model.roberta.hidden_at(ids, mask, first)).float()}  # (B, num_labels)
 
     def columns(self, outputs):
         logits = outputs["logits"]
@@ -141,7 +143,7 @@ class Embed(Task):
 
     def run(self, model, ids, mask, budget):
         e = sentence_embedding(model(ids, mask), mask, self.options.pooling, self.options.normalize)
-        return {"embedding": e.float().cpu().numpy()}  # (B, H)
+        return {"embedding": e.float()}  # (B, H)
 
     def columns(self, outputs):
         return {"embedding": fixed_list(outputs["embedding"].astype(self.options.embedding_dtype))}
@@ -254,7 +256,7 @@ class Score(Task):
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=ids.device)
         ll = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add_(0, rows, lp.double())
         n = torch.bincount(rows, minlength=len(ids))
-        return {"log_likelihood": ll.cpu().numpy(), "num_tokens": n.cpu().numpy()}
+        return {"log_likelihood": ll, "num_tokens": n}
 
     def token_log_probs(self, model, hidden, targets):
         """hidden (N, H), targets (N,) -> log p(target) (N,) float32, in chunks of positions whose
