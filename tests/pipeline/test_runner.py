@@ -12,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline import InputError, Options, TaskError, TaskOptions, run
-from pipeline.stages import ONEDNN_PRIMITIVE_CACHE
+from pipeline.stages import SHAPE_CACHE_CAPACITY, SHAPE_CACHES
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -104,9 +104,9 @@ def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):
     assert chained.count() == len(df)
 
 
-def test_cpu_inference_actor_computes_on_every_core_with_a_capped_primitive_cache(ray_session, checkpoints):
+def test_cpu_inference_actor_computes_on_every_core_with_capped_shape_caches(ray_session, checkpoints):
     # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: 1 for the fractional one of Infer.
-    # oneDNN reads its cache capacity at its first primitive, so it must be set in the worker itself.
+    # oneDNN and torch read their shape caches' capacities at the first matmul: set in the worker itself.
     @ray_session.remote(num_cpus=0.25)
     def threads_after_infer_loads():
         import torch
@@ -115,11 +115,11 @@ def test_cpu_inference_actor_computes_on_every_core_with_a_capped_primitive_cach
 
         before = torch.get_num_threads()
         Infer(str(checkpoints["classifier"]), "classify", device="cpu")
-        return before, torch.get_num_threads(), os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+        return before, torch.get_num_threads(), [os.environ.get(v) for v in SHAPE_CACHES]
 
     before, after, cache = ray_session.get(threads_after_infer_loads.remote())
     assert before == 1 and after == len(os.sched_getaffinity(0))
-    assert cache == str(ONEDNN_PRIMITIVE_CACHE)
+    assert cache == [str(SHAPE_CACHE_CAPACITY)] * len(SHAPE_CACHES)
 
 
 # ----------------------------------------------------------------------------- bad input
