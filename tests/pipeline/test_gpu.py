@@ -14,9 +14,12 @@ from tests.pipeline import reference
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+def tokenize(model_dir, texts):
+    return Tokenize(str(model_dir))(pa.table({"id": np.arange(len(texts)), "text": texts}))
+
+
 def classify_logits(model_dir, texts, **infer_options):
-    tokens = Tokenize(str(model_dir))(pa.table({"id": np.arange(len(texts)), "text": texts}))
-    out = Infer(str(model_dir), "classify", TaskOptions(logits=True), device="cuda", **infer_options)(tokens)
+    out = Infer(str(model_dir), "classify", TaskOptions(logits=True), device="cuda", **infer_options)(tokenize(model_dir, texts))
     return np.stack(out["logits"].to_numpy(zero_copy_only=False))
 
 
@@ -32,7 +35,7 @@ def test_cuda_out_of_memory_halves_the_budget(checkpoints, reviews):
     already holds plus 8 MiB, which the first micro-batch (every row, ~256k tokens) overflows."""
     texts = reviews
     expected = reference.classify(checkpoints["classifier"], texts)
-    tokens = Tokenize(str(checkpoints["classifier"]))(pa.table({"id": np.arange(len(texts)), "text": texts}))
+    tokens = tokenize(checkpoints["classifier"], texts)
     infer = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), device="cuda", batch_tokens=2**22)
     infer(tokens.slice(0, 4))  # model, cuBLAS workspace and the allocator's first blocks
     _, total = torch.cuda.mem_get_info()
@@ -52,8 +55,8 @@ def test_cuda_score_and_embed_equal_transformers(checkpoints, reviews):
     texts = [t[:120] for t in reviews[:12]] + ["", "Fine."]
 
     def infer(model_dir, task):
-        tokens = Tokenize(str(model_dir))(pa.table({"id": np.arange(len(texts)), "text": texts}))
-        return Infer(str(model_dir), task, TaskOptions(), device="cuda", batch_tokens=512)(tokens).sort_by("id")
+        infer = Infer(str(model_dir), task, TaskOptions(), device="cuda", batch_tokens=512)
+        return infer(tokenize(model_dir, texts)).sort_by("id")
 
     for kind, expected in (("masked_lm", reference.pseudo_log_likelihood(checkpoints["masked_lm"], texts)),
                            ("causal_lm", reference.causal_log_likelihood(checkpoints["causal_lm"], texts))):  # fmt: skip
