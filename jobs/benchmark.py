@@ -11,7 +11,8 @@ Runs (jobs/bench_tasks.py says what each task's head computes):
    order, torch.inference_mode(), fp32: what users write today (score-pseudo: see below);
 2. transformers_sorted: the same, rows sorted by text length first (best common practice);
 3. rayberta_model_stage: `pipeline.stages.Infer` alone on rows `Tokenize` made, no Ray, called on
-   as many rows at a time as the CLI's inference actor gets (`pipeline.runner.INFER_ROWS`);
+   as many rows at a time as the CLI's inference actor gets (`pipeline.runner.INFER_ROWS`), in a
+   fresh process started with the actor's environment (`pipeline.runner.cpu_inference_env`);
 4. rayberta_end_to_end: the CLI in a subprocess, Parquet in to Parquet out, tokenization and
    writing included (Ray start-up reported apart, as `ray_start_s`);
 5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`.
@@ -68,13 +69,17 @@ Definitions:
   (`ray::MapWorker(MapBatches(Infer))`...; `ray system` = raylet, GCS, agents) and their total,
   summed over the processes of a kind at one sample. The run's processes are those started after
   it began that carry its environment marker (the embedded Ray's processes inherit it; other Ray
-  sessions on the machine do not). In-process runs: the benchmark process's peak RSS increase.
+  sessions on the machine do not). Baselines: the benchmark process's peak RSS increase. The
+  model stage: its process's peak RSS and peak private memory.
+- cpu_s (end to end): CPU seconds (user + system) of each process kind, as sampled with the memory,
+  and their total: where the cores went (on this 2-core machine at most 2 x wall_s, start-up included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -91,7 +96,7 @@ import torch
 
 from jobs.bench_tasks import BENCHES, SIZES, Bench, corpus
 from model import RobertaConfig, RobertaTokenizer
-from pipeline.runner import INFER_ROWS
+from pipeline.runner import INFER_ROWS, cpu_inference_env
 from pipeline.stages import Infer, micro_batches
 from pipeline.tokenize import Tokenize
 
@@ -162,15 +167,15 @@ def end_to_end(bench: Bench, model_dir: Path, texts: list[str], workdir: Path, m
     marker = uuid.uuid4().hex
     before = set(pids())
     cli = subprocess.Popen(cmd, env={**os.environ, MARKER: marker}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with RssPeaks(RunProcesses(cli.pid, marker, before)) as rss, GpuBusy(device) as busy:
+    with ProcessStats(RunProcesses(cli.pid, marker, before)) as stats, GpuBusy(device) as busy:
         _, stderr = cli.communicate()
     if cli.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited with {cli.returncode}:\n{stderr[-4000:]}")
     summary = json.loads((workdir / "out" / "_summary.json").read_text())
     out = pq.read_table(workdir / "out").sort_by("id")
     return {"rows": summary["rows"], "tokens_per_s": summary["tokens_per_second"], "wall_s": summary["wall_seconds"],
-            "tokens": summary["tokens"], "ray_start_s": summary["ray_start_seconds"], "peak_rss_mib": rss.peak,
-            "peak_private_mib": rss.peak_private, **busy.report(),
+            "tokens": summary["tokens"], "ray_start_s": summary["ray_start_seconds"], "peak_rss_mib": stats.peak,
+            "peak_private_mib": stats.peak_private, "cpu_s": stats.cpu_s, **busy.report(),
             "out": bench.read(out), "lengths": out["input_tokens"].to_numpy()}  # fmt: skip
 
 
@@ -192,6 +197,15 @@ def memory_mib(pid: int) -> dict[str, float]:
     heap, tensors; not the libraries' pages nor the object store's shared memory it maps)."""
     fields = dict(line.split(b":", 1) for line in read_proc(pid, "status").splitlines() if b":" in line)
     return {"rss": int(fields.get(b"VmRSS", b"0 kB").split()[0]) / 1024, "private": int(fields.get(b"RssAnon", b"0 kB").split()[0]) / 1024}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far, or None once it is gone."""
+    stat = read_proc(pid, "stat")
+    if not stat:
+        return None
+    fields = stat.rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 class RunProcesses:
@@ -224,20 +238,23 @@ class RunProcesses:
         return re.sub(r"\.\w+$", "", title.split(" ")[0])
 
 
-class RssPeaks:
+class ProcessStats:
     """In a thread, every `interval` s: the VmRSS and the RssAnon of the processes `members()` names
     ({pid: kind}), summed per kind and in all (`total`); keeps the first sample and each peak (MiB):
-    `peak` (VmRSS) and `peak_private` (RssAnon)."""
+    `peak` (VmRSS) and `peak_private` (RssAnon). And `cpu_s`: CPU seconds (user + system) each kind
+    used while sampled, from each process's last sample (where the two cores went)."""
 
     def __init__(self, members, interval: float = 0.2):
         self.members, self.interval = members, interval
         self.first: dict[str, float] = {}
         self.peak: dict[str, float] = {}
         self.peak_private: dict[str, float] = {}
+        self.cpu: dict[int, tuple[str, float, float]] = {}  # pid: (kind, CPU seconds at its first sample, at its last)
+        self.cpu_s: dict[str, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
 
-    def __enter__(self) -> "RssPeaks":
+    def __enter__(self) -> "ProcessStats":
         self.sample()
         self.thread.start()
         return self
@@ -248,6 +265,9 @@ class RssPeaks:
         self.sample()
         self.peak = {k: round(v, 1) for k, v in sorted(self.peak.items())}
         self.peak_private = {k: round(v, 1) for k, v in sorted(self.peak_private.items())}
+        for kind, first, last in self.cpu.values():
+            self.cpu_s[kind] = self.cpu_s.get(kind, 0.0) + last - first
+        self.cpu_s = {k: round(v, 1) for k, v in sorted(self.cpu_s.items())} | {"total": round(sum(self.cpu_s.values()), 1)}
 
     def loop(self) -> None:
         while not self.stop.wait(self.interval):
@@ -258,6 +278,9 @@ class RssPeaks:
         private: dict[str, float] = {}
         for pid, kind in self.members().items():
             memory = memory_mib(pid)
+            seconds = cpu_seconds(pid)
+            if seconds is not None:
+                self.cpu[pid] = (kind, self.cpu[pid][1] if pid in self.cpu else seconds, seconds)
             kinds[kind] = kinds.get(kind, 0.0) + memory["rss"]
             private[kind] = private.get(kind, 0.0) + memory["private"]
         kinds["total"], private["total"] = sum(kinds.values()), sum(private.values())
@@ -303,9 +326,38 @@ class GpuBusy:
 
 def in_process(run, *args) -> dict:
     """run(*args), plus the benchmark process's peak RSS increase during it."""
-    with RssPeaks(lambda: {os.getpid(): "benchmark"}) as rss:
+    with ProcessStats(lambda: {os.getpid(): "benchmark"}) as rss:
         result = run(*args)
     return {**result, "peak_rss_increase_mib": round(rss.peak["total"] - rss.first["total"], 1)}
+
+
+def in_fresh_process(env: dict[str, str], run, *args) -> dict:
+    """run(*args) in a new process started with `env` added to this one's environment (variables a
+    library reads once, at its first use: the allocator, oneDNN's caches), plus its peak RSS and
+    peak private memory."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        process = context.Process(target=send_result, args=(send, run, args))
+        process.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with ProcessStats(lambda: {process.pid: "process"}) as rss:
+        result = receive.recv()
+    process.join()
+    if isinstance(result, BaseException):
+        raise result
+    return {**result, "peak_rss_mib": rss.peak["total"], "peak_private_mib": rss.peak_private["total"]}
+
+
+def send_result(send, run, args) -> None:
+    try:
+        send.send(run(*args))
+    except BaseException as e:  # noqa: BLE001 - re-raised in the benchmark's process
+        send.send(e)
 
 
 def matmul_flops(dtype: torch.dtype, device: str, repeats: int = 10) -> float:
@@ -353,7 +405,9 @@ def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dt
     record("transformers_usual", in_process(transformers_loop, bench, model_dir, texts, max_length, False, device))
     if bench.sorted_baseline:
         record("transformers_sorted", in_process(transformers_loop, bench, model_dir, texts, max_length, True, device))
-    record("rayberta_model_stage", in_process(model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device))
+    # In a process started as the CLI starts its inference actor (on CPU: jemalloc, capped caches).
+    env = cpu_inference_env() if device == "cpu" else {}
+    record("rayberta_model_stage", in_fresh_process(env, model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device))
     if device == "cuda":  # the in-process runs' cached GPU memory, so that the CLI's inference actor has it
         torch.cuda.empty_cache()
     if e2e_dir:

@@ -65,19 +65,6 @@ def resolve_device(device: str) -> torch.device:
 # over the same shapes, and 1.66M with the memory-efficient kernel, which has no per-shape set-up.
 # CPUs have neither, so there this changes nothing.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# CPU matmuls run as oneDNN primitives, one per (tokens, in, out) shape, and two caches keep them
-# per process: oneDNN's own (up to 1,024 primitives) and torch's (ideep's LRU cache of matmul
-# set-ups, also 1,024). Length-sorted micro-batches bring new token counts nearly every time, so
-# both kept growing, and their blocks, interleaved with freed activations, fragmented the heap.
-# Measured in-process (classify small, bf16, calls of 1,024 different rows; glibc's mallinfo2):
-# as is, peak private memory 983 -> 2,064 MiB over 12 calls and still rising (in use 252 -> 557
-# MiB); oneDNN's cache at 32, 1,122-1,169 MiB from the fourth call but in use still +8 MiB a call;
-# both at 32, in use flat at 177 MiB and the peak 710-818 MiB over 8 calls, at the same speed. A
-# micro-batch needs about 7 shapes, reused over its layers; with no cache at all every layer builds
-# its primitives again (12-15% slower). Both are read at the first matmul: a fresh inference
-# actor's process has done none yet.
-SHAPE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-SHAPE_CACHE_CAPACITY = 32
 MAX_BUDGET = 2**16  # tokens: a GPU is saturated well before; bigger micro-batches only cost memory
 MIN_BUDGET = 64  # tokens: below this, halving after an out-of-memory gives up
 
@@ -113,8 +100,6 @@ class Infer:
             # torch would compute on one core (measured: half the throughput on two). The model
             # gets every core this process may use: one CPU inference actor per node.
             torch.set_num_threads(len(os.sched_getaffinity(0)))
-            for variable in SHAPE_CACHES:
-                os.environ.setdefault(variable, str(SHAPE_CACHE_CAPACITY))
         self.task: Task = make_task(task, model_dir, options)
         self.model = self.task.load(dtype, self.device)
         self.pad_id = self.model.config.pad_token_id

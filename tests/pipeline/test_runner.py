@@ -12,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline import InputError, Options, TaskError, TaskOptions, run
-from pipeline.stages import SHAPE_CACHE_CAPACITY, SHAPE_CACHES
+from pipeline.runner import JEMALLOC, SHAPE_CACHE_CAPACITY, SHAPE_CACHES, cpu_inference_env, inference_resources
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -104,22 +104,25 @@ def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):
     assert chained.count() == len(df)
 
 
-def test_cpu_inference_actor_computes_on_every_core_with_capped_shape_caches(ray_session, checkpoints):
+def test_cpu_inference_actor_computes_on_every_core_with_its_environment(ray_session, checkpoints):
     # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: 1 for the fractional one of Infer.
-    # oneDNN and torch read their shape caches' capacities at the first matmul: set in the worker itself.
-    @ray_session.remote(num_cpus=0.25)
-    def threads_after_infer_loads():
+    # The shape caches and the allocator are read at a process's start: they come with the actor's
+    # remote arguments, the ones the pipeline gives it.
+    @ray_session.remote(**inference_resources(gpu=False))
+    def after_infer_loads():
         import torch
 
         from pipeline.stages import Infer
 
         before = torch.get_num_threads()
         Infer(str(checkpoints["classifier"]), "classify", device="cpu")
-        return before, torch.get_num_threads(), [os.environ.get(v) for v in SHAPE_CACHES]
+        libraries = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".so")}
+        return before, torch.get_num_threads(), {v: os.environ.get(v) for v in cpu_inference_env()}, libraries
 
-    before, after, cache = ray_session.get(threads_after_infer_loads.remote())
+    before, after, env, libraries = ray_session.get(after_infer_loads.remote())
     assert before == 1 and after == len(os.sched_getaffinity(0))
-    assert cache == [str(SHAPE_CACHE_CAPACITY)] * len(SHAPE_CACHES)
+    assert all(env[v] == str(SHAPE_CACHE_CAPACITY) for v in SHAPE_CACHES)
+    assert str(JEMALLOC) in libraries  # preloaded: the process allocates through jemalloc
 
 
 # ----------------------------------------------------------------------------- bad input
