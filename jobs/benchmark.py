@@ -199,6 +199,9 @@ def memory_mib(pid: int) -> dict[str, float]:
     return {"rss": int(fields.get(b"VmRSS", b"0 kB").split()[0]) / 1024, "private": int(fields.get(b"RssAnon", b"0 kB").split()[0]) / 1024}
 
 
+SYSTEM, IDLE = "ray system", "ray::IDLE"  # process kinds: not a Ray worker (raylet, GCS, agents); a worker with no task yet
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process so far, or None once it is gone."""
     stat = read_proc(pid, "stat")
@@ -233,7 +236,7 @@ class RunProcesses:
             return "driver"
         title = read_proc(pid, "cmdline").split(b"\0")[0].decode(errors="replace").strip()
         if not title.startswith("ray::"):
-            return "ray system"
+            return SYSTEM
         # While busy a worker's title gains the method it runs (`...(Infer)).submit`): keep the actor.
         return re.sub(r"\.\w+$", "", title.split(" ")[0])
 
@@ -280,7 +283,10 @@ class ProcessStats:
             memory = memory_mib(pid)
             seconds = cpu_seconds(pid)
             if seconds is not None:
-                self.cpu[pid] = (kind, self.cpu[pid][1] if pid in self.cpu else seconds, seconds)
+                # A worker's title goes from none (`ray system`) to `ray::IDLE` to its task's or actor's,
+                # and back as it exits: its CPU counts for the first kind it takes other than those.
+                earlier, first = self.cpu.get(pid, (kind, seconds, 0.0))[:2]
+                self.cpu[pid] = (kind if earlier in (SYSTEM, IDLE) else earlier, first, seconds)
             kinds[kind] = kinds.get(kind, 0.0) + memory["rss"]
             private[kind] = private.get(kind, 0.0) + memory["private"]
         kinds["total"], private["total"] = sum(kinds.values()), sum(private.values())
@@ -326,9 +332,9 @@ class GpuBusy:
 
 def in_process(run, *args) -> dict:
     """run(*args), plus the benchmark process's peak RSS increase during it."""
-    with ProcessStats(lambda: {os.getpid(): "benchmark"}) as rss:
+    with ProcessStats(lambda: {os.getpid(): "benchmark"}) as stats:
         result = run(*args)
-    return {**result, "peak_rss_increase_mib": round(rss.peak["total"] - rss.first["total"], 1)}
+    return {**result, "peak_rss_increase_mib": round(stats.peak["total"] - stats.first["total"], 1)}
 
 
 def in_fresh_process(env: dict[str, str], run, *args) -> dict:
@@ -345,12 +351,12 @@ def in_fresh_process(env: dict[str, str], run, *args) -> dict:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    with ProcessStats(lambda: {process.pid: "process"}) as rss:
+    with ProcessStats(lambda: {process.pid: "process"}) as stats:
         result = receive.recv()
     process.join()
     if isinstance(result, BaseException):
         raise result
-    return {**result, "peak_rss_mib": rss.peak["total"], "peak_private_mib": rss.peak_private["total"]}
+    return {**result, "peak_rss_mib": stats.peak["total"], "peak_private_mib": stats.peak_private["total"]}
 
 
 def send_result(send, run, args) -> None:

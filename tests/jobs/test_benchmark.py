@@ -3,6 +3,7 @@ rayberta agrees with transformers, and the figures the README quotes are compute
 FLOPs/token formula against torch's FLOP counter. No timing is asserted (that is the benchmark's
 own output, not a test's)."""
 
+import os
 import shutil
 
 import numpy as np
@@ -52,3 +53,25 @@ def test_flops_per_token_counts_what_the_task_computes(checkpoints, task, head):
     with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.inference_mode():
         runner.run(model, ids, torch.ones_like(ids), budget=10**6)
     assert counter.get_total_flops() == pytest.approx(benchmark.flops_per_token(bench, model.config, np.full(B, T)) * B * T)
+
+
+def test_model_stage_process_starts_with_the_environment_given():
+    # The allocator and oneDNN read their variables at a process's start: the model stage's process
+    # must get them at its start, and the benchmark's own environment must stay as it was.
+    result = benchmark.in_fresh_process({"RAYBERTA_TEST_VARIABLE": "42"}, report_variable, "RAYBERTA_TEST_VARIABLE")
+    assert result["value"] == "42" and "RAYBERTA_TEST_VARIABLE" not in os.environ
+    assert result["peak_rss_mib"] >= result["peak_private_mib"] > 0
+
+
+def report_variable(name):  # a module-level function: the spawned process imports it by name
+    return {"value": os.environ.get(name)}
+
+
+def test_cpu_seconds_count_for_a_workers_task_kind_not_its_idle_or_exit_titles():
+    titles = iter(["ray system", "ray::IDLE", "ray::MapWorker(MapBatches(Infer))", "ray system", "ray system"])
+    with benchmark.ProcessStats(lambda: {os.getpid(): next(titles)}, interval=3600) as stats:
+        for _ in range(3):
+            sum(range(10**6))  # some CPU between samples
+            stats.sample()
+    assert set(stats.cpu_s) == {"ray::MapWorker(MapBatches(Infer))", "total"}
+    assert stats.cpu_s["total"] == stats.cpu_s["ray::MapWorker(MapBatches(Infer))"] >= 0
