@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.tasks import HEAP_REUSE_LIMIT, Task, TaskOptions, make_task
+from pipeline.tasks import Task, TaskOptions, make_task
 from pipeline.tokenize import TOKENS
 
 
@@ -67,20 +67,27 @@ def resolve_device(device: str) -> torch.device:
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MAX_BUDGET = 2**16  # tokens: a GPU is saturated well before; bigger micro-batches only cost memory
 MIN_BUDGET = 64  # tokens: below this, halving after an out-of-memory gives up
+CPU_ACTIVATION_LIMIT = 32 * 2**20  # bytes: see token_budget
 
 
 def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
     """The micro-batch size in tokens (padded positions, copies for pseudo-LL) when --batch-tokens
     is not given: a power of two.
 
-    CPU: the largest activation, the MLP's (tokens, intermediate) tensor, stays within glibc's
-    32 MiB heap-reuse limit. Above it every allocation is a fresh mmap whose pages fault in on first
-    touch: measured on the small benchmark model, 8,192 tokens ran 15% slower than 4,096 (copies and
-    LayerNorms 3x slower), and 4,096 matched 2,048. GPU: a quarter of the free memory over a rough
+    CPU: the largest activation, the MLP's (tokens, intermediate) tensor, counted at fp32's 4 bytes
+    whatever the dtype, stays within CPU_ACTIVATION_LIMIT. Measured on the benchmark's models
+    (model stage, classify unless said, tokens/s): on glibc's malloc, small fp32, 8,192 tokens ran
+    15% slower than 4,096 (above 32 MiB every allocation was a fresh mmap whose pages fault in). On
+    jemalloc, the inference actor's allocator (fresh processes, two runs each): small fp32 2,048:
+    7,013 / 7,101, 4,096: 6,811 / 7,250, 8,192: 6,577 / 7,034; small bf16 2,048: 11,538 / 12,051,
+    4,096: 11,411 / 11,298 / 12,043 / 10,880, 8,192: 10,285 / 9,955, 16,384: 9,401 / 9,234; base
+    fp32 2,048: 986 / 969, 4,096: 952 / 933; pseudo-LL small bf16 4,096: 274 / 277, 8,192: 277 /
+    264. bf16 is best at fp32's budget (counted at 2 bytes it got 8,192, 10% slower). 32 MiB is
+    also this machine's L3 cache. GPU: a quarter of the free memory over a rough
     size of the activations alive at once per token, (8 H + 2 I) elements, capped at MAX_BUDGET (an
     H200 gets the cap for roberta-base); a CUDA out-of-memory halves it (Infer.run_rows)."""
     if device.type == "cpu":
-        tokens = HEAP_REUSE_LIMIT // (config.intermediate_size * dtype.itemsize)
+        tokens = CPU_ACTIVATION_LIMIT // (config.intermediate_size * 4)
     else:
         free, _ = torch.cuda.mem_get_info(device)
         tokens = free // 4 // ((8 * config.hidden_size + 2 * config.intermediate_size) * dtype.itemsize)
