@@ -72,7 +72,8 @@ Definitions:
   sessions on the machine do not). Baselines: the benchmark process's peak RSS increase. The
   model stage: its process's peak RSS and peak private memory.
 - cpu_s (end to end): CPU seconds (user + system) of each process kind, as sampled with the memory,
-  and their total: where the cores went (on this 2-core machine at most 2 x wall_s, start-up included).
+  and their total: where the cores went, from the CLI's start (Ray start-up and the driver's
+  imports included, which wall_s leaves out) to its end.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -244,15 +246,16 @@ class RunProcesses:
 class ProcessStats:
     """In a thread, every `interval` s: the VmRSS and the RssAnon of the processes `members()` names
     ({pid: kind}), summed per kind and in all (`total`); keeps the first sample and each peak (MiB):
-    `peak` (VmRSS) and `peak_private` (RssAnon). And `cpu_s`: CPU seconds (user + system) each kind
-    used while sampled, from each process's last sample (where the two cores went)."""
+    `peak` (VmRSS) and `peak_private` (RssAnon). And `cpu_s`: the CPU seconds (user + system) of
+    each kind, counted from each process's start (end to end, every member is new), each sample's
+    increase going to the kind the process has then (where the two cores went)."""
 
     def __init__(self, members, interval: float = 0.2):
         self.members, self.interval = members, interval
         self.first: dict[str, float] = {}
         self.peak: dict[str, float] = {}
         self.peak_private: dict[str, float] = {}
-        self.cpu: dict[int, tuple[str, float, float]] = {}  # pid: (kind, CPU seconds at its first sample, at its last)
+        self.cpu_by_pid: dict[int, tuple[str, float]] = {}  # pid: (kind, CPU seconds) at its last sample
         self.cpu_s: dict[str, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
@@ -268,8 +271,6 @@ class ProcessStats:
         self.sample()
         self.peak = {k: round(v, 1) for k, v in sorted(self.peak.items())}
         self.peak_private = {k: round(v, 1) for k, v in sorted(self.peak_private.items())}
-        for kind, first, last in self.cpu.values():
-            self.cpu_s[kind] = self.cpu_s.get(kind, 0.0) + last - first
         self.cpu_s = {k: round(v, 1) for k, v in sorted(self.cpu_s.items())} | {"total": round(sum(self.cpu_s.values()), 1)}
 
     def loop(self) -> None:
@@ -283,10 +284,11 @@ class ProcessStats:
             memory = memory_mib(pid)
             seconds = cpu_seconds(pid)
             if seconds is not None:
-                # A worker's title goes from none (`ray system`) to `ray::IDLE` to its task's or actor's,
-                # and back as it exits: its CPU counts for the first kind it takes other than those.
-                earlier, first = self.cpu.get(pid, (kind, seconds, 0.0))[:2]
-                self.cpu[pid] = (kind if earlier in (SYSTEM, IDLE) else earlier, first, seconds)
+                # A worker's title falls back to none (`ray system`) as it exits: that CPU was its task's.
+                before, counted = self.cpu_by_pid.get(pid, (kind, 0.0))
+                charged = before if kind == SYSTEM and before != SYSTEM else kind
+                self.cpu_s[charged] = self.cpu_s.get(charged, 0.0) + seconds - counted
+                self.cpu_by_pid[pid] = (charged, seconds)
             kinds[kind] = kinds.get(kind, 0.0) + memory["rss"]
             private[kind] = private.get(kind, 0.0) + memory["private"]
         kinds["total"], private["total"] = sum(kinds.values()), sum(private.values())
@@ -343,27 +345,36 @@ def in_fresh_process(env: dict[str, str], run, *args) -> dict:
     peak private memory."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    saved = dict(os.environ)
+    saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
         process = context.Process(target=send_result, args=(send, run, args))
         process.start()
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    with ProcessStats(lambda: {process.pid: "process"}) as stats:
-        result = receive.recv()
+        for name, value in saved.items():  # this process's environment as it was
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+    send.close()  # the child holds the only writer: a child that dies ends recv() with EOFError
+    with ProcessStats(lambda: {process.pid: "model stage"}) as stats, receive:
+        try:
+            ok, result = receive.recv()
+        except EOFError:
+            ok, result = False, "it exited without a result"
     process.join()
-    if isinstance(result, BaseException):
-        raise result
+    if not ok:
+        raise RuntimeError(f"{run.__name__} failed in its process (exit code {process.exitcode}):\n{result}")
     return {**result, "peak_rss_mib": stats.peak["total"], "peak_private_mib": stats.peak_private["total"]}
 
 
 def send_result(send, run, args) -> None:
+    """In the fresh process: (True, run's result) or (False, the traceback as text)."""
     try:
-        send.send(run(*args))
-    except BaseException as e:  # noqa: BLE001 - re-raised in the benchmark's process
-        send.send(e)
+        result = (True, run(*args))
+    except BaseException:  # noqa: BLE001 - reported in the benchmark's process
+        result = (False, traceback.format_exc())
+    send.send(result)
 
 
 def matmul_flops(dtype: torch.dtype, device: str, repeats: int = 10) -> float:
@@ -411,11 +422,11 @@ def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dt
     record("transformers_usual", in_process(transformers_loop, bench, model_dir, texts, max_length, False, device))
     if bench.sorted_baseline:
         record("transformers_sorted", in_process(transformers_loop, bench, model_dir, texts, max_length, True, device))
+    if device == "cuda":  # the baselines' cached GPU memory, so that the model stage's process and the CLI's actor have it
+        torch.cuda.empty_cache()
     # In a process started as the CLI starts its inference actor (on CPU: jemalloc, capped caches).
     env = cpu_inference_env() if device == "cpu" else {}
     record("rayberta_model_stage", in_fresh_process(env, model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device))
-    if device == "cuda":  # the in-process runs' cached GPU memory, so that the CLI's inference actor has it
-        torch.cuda.empty_cache()
     if e2e_dir:
         record("rayberta_end_to_end", end_to_end(bench, model_dir, texts, e2e_dir, max_length, dtype, batch_tokens, device))
         if scale > 1:  # its first rows are `texts`, so its quality is checked on those

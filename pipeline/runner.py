@@ -58,7 +58,7 @@ ROWS_PER_BLOCK = 1024  # rows per block from the reader to the tokenizers
 INFER_ROWS = {"cpu": ROWS_PER_BLOCK, "cuda": 16 * ROWS_PER_BLOCK}
 
 # The CPU inference actor's process starts with these variables (its runtime_env): the libraries
-# read them once, at their first use, so they cannot be set from inside the process.
+# read them once, the allocator at the process's start, the caches at its first matmul.
 #
 # CPU matmuls run as oneDNN primitives, one per (tokens, in, out) shape, and two caches keep them
 # per process: oneDNN's own (up to 1,024 primitives) and torch's (ideep's LRU cache of matmul
@@ -90,7 +90,8 @@ JEMALLOC = Path(ray.__file__).parent / "core" / "libjemalloc.so"
 def cpu_inference_env() -> dict[str, str]:
     """The CPU inference actor's environment variables (the benchmark's model stage runs in a process
     started with them too). A variable already set in the driver's environment passes on with that
-    value; with an LD_PRELOAD of the driver's own, or a Ray without jemalloc, glibc's malloc stays.
+    value; a driver with an LD_PRELOAD of its own gets no jemalloc added (its preload is the user's
+    choice), nor does a Ray without jemalloc.
     The library's path is the driver's: a worker node whose Ray lies elsewhere warns and keeps glibc."""
     env = {variable: str(SHAPE_CACHE_CAPACITY) for variable in SHAPE_CACHES}
     if JEMALLOC.exists() and "LD_PRELOAD" not in os.environ:
@@ -98,7 +99,7 @@ def cpu_inference_env() -> dict[str, str]:
     return {variable: os.environ.get(variable, value) for variable, value in env.items()}
 
 
-def inference_resources(gpu: bool) -> dict:
+def inference_remote_args(gpu: bool) -> dict:
     """Ray remote arguments of an inference actor (see the module docstring for the CPU shares)."""
     if gpu:
         return {"num_gpus": 1, "num_cpus": 1}
@@ -200,7 +201,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
         batch_format="pyarrow",
         batch_size=INFER_ROWS["cuda" if gpu else "cpu"],  # Ray Data joins blocks (of any shards) into a call
         compute=ray.data.ActorPoolStrategy(size=actors),
-        **inference_resources(gpu),
+        **inference_remote_args(gpu),
     )
 
 

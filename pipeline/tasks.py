@@ -22,6 +22,7 @@ from model.roberta import sentence_embedding
 
 
 HEAP_REUSE_LIMIT = 32 * 2**20  # bytes: glibc malloc reuses freed blocks up to this size; larger ones are fresh mmaps
+# (the GPU inference actor runs on glibc; the CPU one on jemalloc, where the limit costs nothing)
 
 
 class TaskError(ValueError):
@@ -260,7 +261,7 @@ class Score(Task):
 
     def token_log_probs(self, model, hidden, targets):
         """hidden (N, H), targets (N,) -> log p(target) (N,) float32, in chunks of positions whose
-        (chunk, V) float32 logits stay within the allocator's heap-reuse limit (stages.token_budget)."""
+        (chunk, V) float32 logits stay within glibc's heap-reuse limit (HEAP_REUSE_LIMIT)."""
         chunk = max(1, HEAP_REUSE_LIMIT // (4 * model.config.vocab_size))
         out = []
         for i in range(0, len(targets), chunk):

@@ -55,23 +55,46 @@ def test_flops_per_token_counts_what_the_task_computes(checkpoints, task, head):
     assert counter.get_total_flops() == pytest.approx(benchmark.flops_per_token(bench, model.config, np.full(B, T)) * B * T)
 
 
-def test_model_stage_process_starts_with_the_environment_given():
+def test_model_stage_process_starts_with_the_environment_given(monkeypatch):
     # The allocator and oneDNN read their variables at a process's start: the model stage's process
     # must get them at its start, and the benchmark's own environment must stay as it was.
-    result = benchmark.in_fresh_process({"RAYBERTA_TEST_VARIABLE": "42"}, report_variable, "RAYBERTA_TEST_VARIABLE")
-    assert result["value"] == "42" and "RAYBERTA_TEST_VARIABLE" not in os.environ
+    monkeypatch.setenv("RAYBERTA_TEST_KEPT", "before")
+    env = {"RAYBERTA_TEST_NEW": "42", "RAYBERTA_TEST_KEPT": "during"}
+    result = benchmark.in_fresh_process(env, report_variables, list(env))
+    assert result["values"] == env
+    assert "RAYBERTA_TEST_NEW" not in os.environ and os.environ["RAYBERTA_TEST_KEPT"] == "before"
     assert result["peak_rss_mib"] >= result["peak_private_mib"] > 0
 
 
-def report_variable(name):  # a module-level function: the spawned process imports it by name
-    return {"value": os.environ.get(name)}
+def report_variables(names):  # module-level functions: the spawned process imports them by name
+    return {"values": {name: os.environ.get(name) for name in names}}
 
 
-def test_cpu_seconds_count_for_a_workers_task_kind_not_its_idle_or_exit_titles():
+def fail(code):
+    if code:
+        os._exit(code)  # dies without a word
+    raise ValueError("the model stage failed")
+
+
+@pytest.mark.parametrize("code, message", [(0, "ValueError: the model stage failed"), (3, "exit code 3")])
+def test_a_failing_model_stage_process_is_an_error_not_a_hang(code, message):
+    with pytest.raises(RuntimeError, match=message):
+        benchmark.in_fresh_process({}, fail, code)
+
+
+def burn():
+    return sum(range(5 * 10**6))  # a fixed amount of CPU work
+
+
+def test_cpu_seconds_go_to_the_kind_a_process_has_and_an_exiting_workers_to_its_task():
     titles = iter(["ray system", "ray::IDLE", "ray::MapWorker(MapBatches(Infer))", "ray system", "ray system"])
-    with benchmark.ProcessStats(lambda: {os.getpid(): next(titles)}, interval=3600) as stats:
-        for _ in range(3):
-            sum(range(10**6))  # some CPU between samples
+    before = benchmark.cpu_seconds(os.getpid())
+    with benchmark.ProcessStats(lambda: {os.getpid(): next(titles)}, interval=3600) as stats:  # sample 1
+        for _ in range(3):  # samples 2 (idle), 3 (a task), 4 (exiting: the title falls back to none)
+            burn()
             stats.sample()
-    assert set(stats.cpu_s) == {"ray::MapWorker(MapBatches(Infer))", "total"}
-    assert stats.cpu_s["total"] == stats.cpu_s["ray::MapWorker(MapBatches(Infer))"] >= 0
+        burn()
+    # sample 5, exiting. Counted from the process's start: all before sample 1 is `ray system`'s.
+    assert stats.cpu_s["ray system"] == pytest.approx(before, abs=0.2)
+    assert stats.cpu_s["ray::MapWorker(MapBatches(Infer))"] > stats.cpu_s["ray::IDLE"] > 0  # three burns, one
+    assert set(stats.cpu_s) == {"ray system", "ray::IDLE", "ray::MapWorker(MapBatches(Infer))", "total"}

@@ -12,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline import InputError, Options, TaskError, TaskOptions, run
-from pipeline.runner import JEMALLOC, SHAPE_CACHE_CAPACITY, SHAPE_CACHES, cpu_inference_env, inference_resources
+from pipeline.runner import JEMALLOC, SHAPE_CACHE_CAPACITY, SHAPE_CACHES, cpu_inference_env, inference_remote_args
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -108,7 +108,9 @@ def test_cpu_inference_actor_computes_on_every_core_with_its_environment(ray_ses
     # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: 1 for the fractional one of Infer.
     # The shape caches and the allocator are read at a process's start: they come with the actor's
     # remote arguments, the ones the pipeline gives it.
-    @ray_session.remote(**inference_resources(gpu=False))
+    expected = cpu_inference_env()
+
+    @ray_session.remote(**inference_remote_args(gpu=False))
     def after_infer_loads():
         import torch
 
@@ -117,12 +119,13 @@ def test_cpu_inference_actor_computes_on_every_core_with_its_environment(ray_ses
         before = torch.get_num_threads()
         Infer(str(checkpoints["classifier"]), "classify", device="cpu")
         libraries = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".so")}
-        return before, torch.get_num_threads(), {v: os.environ.get(v) for v in cpu_inference_env()}, libraries
+        return before, torch.get_num_threads(), {v: os.environ.get(v) for v in expected}, libraries
 
     before, after, env, libraries = ray_session.get(after_infer_loads.remote())
     assert before == 1 and after == len(os.sched_getaffinity(0))
-    assert all(env[v] == str(SHAPE_CACHE_CAPACITY) for v in SHAPE_CACHES)
-    assert str(JEMALLOC) in libraries  # preloaded: the process allocates through jemalloc
+    assert env == expected and all(expected[v] == str(SHAPE_CACHE_CAPACITY) for v in SHAPE_CACHES)
+    if "LD_PRELOAD" not in os.environ:  # else the driver's own preload passes on instead
+        assert expected["MALLOC_CONF"] and os.path.realpath(JEMALLOC) in libraries  # allocates through jemalloc
 
 
 # ----------------------------------------------------------------------------- bad input
