@@ -201,7 +201,7 @@ def memory_mib(pid: int) -> dict[str, float]:
     return {"rss": int(fields.get(b"VmRSS", b"0 kB").split()[0]) / 1024, "private": int(fields.get(b"RssAnon", b"0 kB").split()[0]) / 1024}
 
 
-SYSTEM, IDLE = "ray system", "ray::IDLE"  # process kinds: not a Ray worker (raylet, GCS, agents); a worker with no task yet
+SYSTEM = "ray system"  # the process kind of what is not a Ray worker (raylet, GCS, agents)
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -83,10 +83,11 @@ def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
     4,096: 11,411 / 11,298 / 12,043 / 10,880, 8,192: 10,285 / 9,955, 16,384: 9,401 / 9,234; base
     fp32 2,048: 986 / 969, 4,096: 952 / 933; pseudo-LL small bf16 4,096: 274 / 277, 8,192: 277 /
     264. bf16 is as fast at 2,048 as at 4,096, and 10% slower at the 8,192 it got when counted at
-    its own 2 bytes. 32 MiB is
-    also this machine's L3 cache. GPU: a quarter of the free memory over a rough
-    size of the activations alive at once per token, (8 H + 2 I) elements, capped at MAX_BUDGET (an
-    H200 gets the cap for roberta-base); a CUDA out-of-memory halves it (Infer.run_rows)."""
+    its own 2 bytes. 32 MiB is also this machine's L3 cache.
+
+    GPU: a quarter of the free memory over a rough size of the activations alive at once per token,
+    (8 H + 2 I) elements, capped at MAX_BUDGET (an H200 gets the cap for roberta-base); a CUDA
+    out-of-memory halves it (Infer.run_rows)."""
     if device.type == "cpu":
         tokens = CPU_ACTIVATION_LIMIT // (config.intermediate_size * 4)
     else:

@@ -22,7 +22,6 @@ from model.roberta import sentence_embedding
 
 
 HEAP_REUSE_LIMIT = 32 * 2**20  # bytes: glibc malloc reuses freed blocks up to this size; larger ones are fresh mmaps
-# (the GPU inference actor runs on glibc; the CPU one on jemalloc, where the limit costs nothing)
 
 
 class TaskError(ValueError):
