@@ -10,6 +10,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "config": ["ConfigError", "RobertaConfig"],
+        "cpu_fusion": ["fuse_linear_layers"],
         "loading": ["CheckpointError"],
         "roberta": ["RobertaForCausalLM", "RobertaForMaskedLM", "RobertaForSequenceClassification", "RobertaModel",
                     "sentence_embedding"],  # fmt: skip

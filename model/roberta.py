@@ -203,6 +203,7 @@ class Block(nn.Module):
         return self.feed_forward(x), present, attn, cross
 
     def feed_forward(self, x):  # (B, T, H) -> (B, T, H): the MLP and its post-LayerNorm residual
+        # For CPU inference model.cpu_fusion may fuse `act` into `mlp_up` (and make `act` the identity).
         return self.mlp_norm(x + self.dropout(self.mlp_down(self.act(self.mlp_up(x)))))
 
 

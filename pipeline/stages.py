@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from model.cpu_fusion import fuse_linear_layers
 from pipeline.tasks import Task, TaskOptions, make_task
 from pipeline.tokenize import TOKENS
 
@@ -111,6 +112,8 @@ class Infer:
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.task: Task = make_task(task, model_dir, options)
         self.model = self.task.load(dtype, self.device)
+        if self.device.type == "cpu":  # oneDNN matmuls with fused bias and GELU: 4-13% faster (model/cpu_fusion.py)
+            fuse_linear_layers(self.model)
         self.pad_id = self.model.config.pad_token_id
         self.budget = batch_tokens or token_budget(self.model.config, self.model.dtype, self.device)
 
