@@ -6,8 +6,13 @@ output; the activation is a separate pass over the (tokens, intermediate) tensor
 inner product (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for
 a Linear and its activation) does all of it in one kernel. Measured on this repo's 2-core CPU
 (AVX-512, torch 2.13, (4,096 x 384) inputs, fp32): the (384 -> 1,536) layer with GELU 181 -> 206
-GFLOP/s, the (1,536 -> 384) layer 200 -> 217; the classify model stage (small RoBERTa, 1,000 rows)
-6,776-7,605 -> 7,624-7,883 tokens/s. The README's throughput section has the end-to-end figures.
+GFLOP/s, the (1,536 -> 384) layer 200 -> 217; the classify model stage (small RoBERTa, 1,000 rows,
+fresh processes, three runs each) 6,792-7,098 -> 7,312-7,788 tokens/s. The README's performance
+section has the end-to-end figures.
+
+The op is torch's private API (the leading underscore): `onednn_runs` checks that it exists and
+runs at the model's dtype before anything is swapped, so another torch build falls back to
+`nn.Linear` rather than failing.
 
 The op has no backward (autograd would silently give wrong gradients), so a fused layer falls back
 to `F.linear` and the activation whenever gradients are on: a fused model still trains correctly,
