@@ -3,12 +3,13 @@ activation) fused into the same kernel.
 
 torch runs `nn.Linear` in fp32 on the CPU as an MKL GEMM, after a copy of the bias into the
 output; the activation is a separate pass over the (tokens, intermediate) tensor. oneDNN's
-inner product (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for
-a Linear and its activation) does all of it in one kernel. Measured on this repo's 2-core CPU
+inner product (`torch.ops.mkldnn._linear_pointwise`, which torch.compile's CPU backend emits, with
+freezing, for a bf16 Linear and its activation) does all of it in one kernel. Measured on this
+repo's 2-core CPU
 (AVX-512, torch 2.13, (4,096 x 384) inputs, fp32): the (384 -> 1,536) layer with GELU 181 -> 206
 GFLOP/s, the (1,536 -> 384) layer 200 -> 217; the classify model stage (small RoBERTa, 1,000 rows,
 fresh processes, three runs each) 6,792-7,098 -> 7,312-7,788 tokens/s. The README's performance
-section has the end-to-end figures.
+section has the end-to-end figures. Other CPUs (AVX2 only, AMD, ARM) are unmeasured.
 
 The op is torch's private API (the leading underscore): `onednn_runs` checks that it exists and
 runs at the model's dtype before anything is swapped, so another torch build falls back to
@@ -16,7 +17,9 @@ runs at the model's dtype before anything is swapped, so another torch build fal
 
 The op has no backward (autograd would silently give wrong gradients), so a fused layer falls back
 to `F.linear` and the activation whenever gradients are on: a fused model still trains correctly,
-only inference (`torch.inference_mode()` / `torch.no_grad()`) takes the fast path.
+only inference (`torch.inference_mode()` / `torch.no_grad()`) takes the fast path. So does anything
+the fusion was not checked for: a model moved to a GPU or cast to another dtype after fusing, or
+inputs of another dtype (CPU autocast).
 """
 
 from __future__ import annotations
@@ -46,12 +49,14 @@ class FusedLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, activation: str | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.fused_dtype = linear.weight.dtype  # the dtype `onednn_runs` checked
         self.activation = activation
         self.post_op = ONEDNN_ACTIVATIONS[activation] if activation else NO_ACTIVATION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if torch.is_grad_enabled():  # inputs or weights may need gradients
+        if torch.is_grad_enabled() or not (x.device.type == "cpu" and x.dtype == self.weight.dtype == self.fused_dtype):
             y = F.linear(x, self.weight, self.bias)
             return ACT_FNS[self.activation](y) if self.activation else y
         attr, algorithm = self.post_op
@@ -78,14 +83,14 @@ def onednn_runs(dtype: torch.dtype) -> bool:
 def fuse_linear_layers(model: nn.Module) -> nn.Module:
     """In place, for CPU inference: every block's six Linear layers become `FusedLinear`s, the MLP's
     first one with the block's activation fused in (the block's `act` becomes the identity), where
-    oneDNN runs the model's dtype. Anything else (a GPU model, fp16) is returned unchanged.
-    Returns the model."""
+    oneDNN runs the model's dtype. Anything else (a GPU model; fp16 on a CPU without AVX-512 FP16)
+    is returned unchanged. Returns the model."""
     weight = next(model.parameters())
     if weight.device.type != "cpu" or not onednn_runs(weight.dtype):
         return model
     hidden_act = model.config.hidden_act
     for block in (m for m in model.modules() if isinstance(m, Block)):
-        for attention in filter(None, (block.attention, block.crossattention)):
+        for attention in (a for a in (block.attention, block.crossattention) if a is not None):
             for name in ("query", "key", "value", "out"):
                 setattr(attention, name, FusedLinear(getattr(attention, name)))
         if hidden_act in ONEDNN_ACTIVATIONS:

@@ -79,12 +79,13 @@ def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
     whatever the dtype, stays within CPU_ACTIVATION_LIMIT. Measured on the benchmark's models
     (model stage, classify unless said, tokens/s): on glibc's malloc, small fp32, 8,192 tokens ran
     15% slower than 4,096 (above 32 MiB every allocation was a fresh mmap whose pages fault in). On
-    jemalloc, the inference actor's allocator (fresh processes, two runs each): small fp32 2,048:
-    7,013 / 7,101, 4,096: 6,811 / 7,250, 8,192: 6,577 / 7,034; small bf16 2,048: 11,538 / 12,051,
-    4,096: 11,411 / 11,298 / 12,043 / 10,880, 8,192: 10,285 / 9,955, 16,384: 9,401 / 9,234; base
-    fp32 2,048: 986 / 969, 4,096: 952 / 933; pseudo-LL small bf16 4,096: 274 / 277, 8,192: 277 /
-    264. bf16 is as fast at 2,048 as at 4,096, and 10% slower at the 8,192 it got when counted at
-    its own 2 bytes. 32 MiB is also this machine's L3 cache.
+    jemalloc, the inference actor's allocator (fresh processes, two runs each, before the fused
+    Linear layers of model/cpu_fusion.py): small fp32 2,048: 7,013 / 7,101, 4,096: 6,811 / 7,250,
+    8,192: 6,577 / 7,034; small bf16 2,048: 11,538 / 12,051, 4,096: 11,411 / 11,298 / 12,043 /
+    10,880, 8,192: 10,285 / 9,955, 16,384: 9,401 / 9,234; base fp32 2,048: 986 / 969, 4,096: 952 /
+    933; pseudo-LL small bf16 4,096: 274 / 277, 8,192: 277 / 264. bf16 is as fast at 2,048 as at
+    4,096, and 10% slower at the 8,192 it got when counted at its own 2 bytes. 32 MiB is also this
+    machine's L3 cache.
 
     GPU: a quarter of the free memory over a rough size of the activations alive at once per token,
     (8 H + 2 I) elements, capped at MAX_BUDGET (an H200 gets the cap for roberta-base); a CUDA

@@ -14,8 +14,10 @@ pytestmark = pytest.mark.skipif(not onednn_runs(torch.float32), reason="this tor
 
 
 @pytest.mark.parametrize("activation", [None, *ONEDNN_ACTIVATIONS])
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05), (torch.float16, 0.01)])
 def test_fused_linear_equals_linear_and_activation(activation, dtype, atol):
+    if not onednn_runs(dtype):
+        pytest.skip(f"oneDNN cannot run {dtype} on this CPU (fuse_linear_layers leaves such models alone)")
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 80).to(dtype)
     fused = FusedLinear(linear, activation)
@@ -50,7 +52,8 @@ def test_fused_model_matches_reference(tmp_path, hidden_act):
     block = mine.roberta.layers[0]
     fused = [block.attention.query, block.attention.key, block.attention.value, block.attention.out, block.mlp_up, block.mlp_down]
     assert all(isinstance(m, FusedLinear) for m in fused)
-    assert (block.mlp_up.activation, isinstance(block.act, torch.nn.Identity)) == (("gelu", True) if hidden_act == "gelu" else (None, False))
+    assert block.mlp_up.activation == (hidden_act if hidden_act == "gelu" else None)
+    assert isinstance(block.act, torch.nn.Identity) == (hidden_act == "gelu")
     # The same parameters, shared rather than copied: checkpoints save and load as before.
     assert {k: v.data_ptr() for k, v in mine.state_dict().items()} == before
     ids, mask, _ = padded_batch([9, 4, 12, 2])
@@ -61,7 +64,34 @@ def test_fused_model_matches_reference(tmp_path, hidden_act):
         torch.testing.assert_close(mine.classifier(mine.roberta.hidden_at(ids, mask, first)), expected, atol=1e-5, rtol=0)
 
 
-def test_models_oneDNN_cannot_run_are_left_alone():
+def test_fused_decoder_with_cross_attention_and_cache_matches_reference(tmp_path):
+    ref = reference("RobertaForCausalLM", is_decoder=True, add_cross_attention=True)
+    mine = fuse_linear_layers(ours.RobertaForCausalLM.from_pretrained(save(ref, tmp_path / "ckpt")))
+    assert isinstance(mine.roberta.layers[0].crossattention.key, FusedLinear)
+    ids, mask, _ = padded_batch([8, 8])
+    kw = dict(encoder_hidden_states=torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)),
+              encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))  # fmt: skip
+    with torch.inference_mode():
+        expected = ref(ids, mask, **kw).logits
+        torch.testing.assert_close(mine(ids, mask, **kw).logits, expected, atol=1e-5, rtol=0)
+        out = mine(ids[:, :5], mask[:, :5], **kw, use_cache=True)  # then token by token from the cache
+        last = mine(ids[:, 5:6], mask[:, :6], **kw, past_key_values=out.past_key_values).logits
+    torch.testing.assert_close(last, expected[:, 5:6], atol=1e-5, rtol=0)
+
+
+def test_a_fused_model_cast_afterwards_still_computes(tmp_path):
+    """The fast path runs only at the dtype (and on the device) checked when fusing: fp64 has no
+    oneDNN primitive, so the cast model takes torch's path."""
+    ref = reference("RobertaModel")
+    ids, mask, _ = padded_batch([9, 4])
+    with torch.inference_mode():
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    mine = fuse_linear_layers(ours.RobertaModel.from_pretrained(save(ref, tmp_path / "ckpt"))).double()
+    with torch.inference_mode():
+        torch.testing.assert_close(mine(ids, mask).last_hidden_state, expected.double(), atol=1e-5, rtol=0)
+
+
+def test_models_onednn_cannot_run_are_left_alone():
     config = ours.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     with torch.device("meta"):  # not on the CPU (as a GPU model is not)
         elsewhere = ours.RobertaModel(config)

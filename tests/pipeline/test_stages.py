@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from model import RobertaConfig
-from model.cpu_fusion import FusedLinear
+from model.cpu_fusion import FusedLinear, onednn_runs
 from pipeline.stages import CPU_ACTIVATION_LIMIT, Infer, micro_batches, pad, token_budget
 from pipeline.tasks import TaskError, TaskOptions, make_task
 from pipeline.tokenize import Tokenize
@@ -60,13 +60,14 @@ def test_classify_equals_transformers_for_any_batching(checkpoints, texts, budge
     assert out.schema.field("probs").type == pa.list_(pa.float32(), 3)
 
 
-
+@pytest.mark.skipif(not onednn_runs(torch.float32), reason="this torch build has no oneDNN: Infer keeps nn.Linear")
 def test_cpu_inference_runs_the_fused_linear_layers(checkpoints):
     """The transformers comparisons in this file run through model/cpu_fusion.py on the CPU."""
     model = Infer(str(checkpoints["classifier"]), "classify", device="cpu").model
     block = model.roberta.layers[0]
     assert isinstance(block.mlp_up, FusedLinear) and block.mlp_up.activation == model.config.hidden_act
     assert isinstance(block.attention.query, FusedLinear)
+
 
 def test_cpu_budget_keeps_the_largest_activation_at_fp32_size_within_the_limit():
     config = RobertaConfig(hidden_size=768, intermediate_size=3072)
