@@ -5,11 +5,11 @@ torch runs `nn.Linear` in fp32 on the CPU as an MKL GEMM, after a copy of the bi
 output; the activation is a separate pass over the (tokens, intermediate) tensor. oneDNN's
 inner product (`torch.ops.mkldnn._linear_pointwise`, which torch.compile's CPU backend emits, with
 freezing, for a bf16 Linear and its activation) does all of it in one kernel. Measured on this
-repo's 2-core CPU
-(AVX-512, torch 2.13, (4,096 x 384) inputs, fp32): the (384 -> 1,536) layer with GELU 181 -> 206
-GFLOP/s, the (1,536 -> 384) layer 200 -> 217; the classify model stage (small RoBERTa, 1,000 rows,
-fresh processes, three runs each) 6,792-7,098 -> 7,312-7,788 tokens/s. The README's performance
-section has the end-to-end figures. Other CPUs (AVX2 only, AMD, ARM) are unmeasured.
+repo's 2-core CPU (AVX-512, torch 2.13, (4,096 x 384) inputs, fp32): the (384 -> 1,536) layer with
+GELU 181 -> 206 GFLOP/s, the (1,536 -> 384) layer 200 -> 217; the classify model stage (small
+RoBERTa, 1,000 rows, fresh processes, three runs each) 6,792-7,098 -> 7,312-7,788 tokens/s. The
+README's performance section has the end-to-end figures. Other CPUs (AVX2 only, AMD, ARM) are
+unmeasured.
 
 The op is torch's private API (the leading underscore): `onednn_runs` checks that it exists and
 runs at the model's dtype before anything is swapped, so another torch build falls back to
@@ -88,14 +88,13 @@ def fuse_linear_layers(model: nn.Module) -> nn.Module:
     weight = next(model.parameters())
     if weight.device.type != "cpu" or not onednn_runs(weight.dtype):
         return model
-    hidden_act = model.config.hidden_act
+    activation = model.config.hidden_act if model.config.hidden_act in ONEDNN_ACTIVATIONS else None
     for block in (m for m in model.modules() if isinstance(m, Block)):
         for attention in (a for a in (block.attention, block.crossattention) if a is not None):
             for name in ("query", "key", "value", "out"):
                 setattr(attention, name, FusedLinear(getattr(attention, name)))
-        if hidden_act in ONEDNN_ACTIVATIONS:
-            block.mlp_up, block.act = FusedLinear(block.mlp_up, hidden_act), nn.Identity()
-        else:
-            block.mlp_up = FusedLinear(block.mlp_up)
+        block.mlp_up = FusedLinear(block.mlp_up, activation)
+        if activation:
+            block.act = nn.Identity()
         block.mlp_down = FusedLinear(block.mlp_down)
     return model
