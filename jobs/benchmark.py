@@ -1,6 +1,6 @@
 """Throughput benchmark: one command per task, every run side by side on the same rows, in one run.
 
-    python -m jobs.benchmark --task classify     --size small --rows 1500 [--dtype bfloat16] [--scale 10]
+    python -m jobs.benchmark --task classify     --size small --rows 1500 [--dtype bfloat16] [--scale 10] [--repeats 3]
     python -m jobs.benchmark --task embed        --rows 1500 [--dtype bfloat16]
     python -m jobs.benchmark --task score-causal --size small --rows 1500 [--dtype bfloat16]
     python -m jobs.benchmark --task score-pseudo --size small [--rows 60 --max-length 64] [--dtype bfloat16]
@@ -16,6 +16,9 @@ Runs (jobs/bench_tasks.py says what each task's head computes):
 4. rayberta_end_to_end: the CLI in a subprocess, Parquet in to Parquet out, tokenization and
    writing included (Ray start-up reported apart, as `ray_start_s`);
 5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`.
+With --repeats N, runs 1-3 go N rounds, interleaved (1, 2, 3, 1, 2, 3...), and each reports its
+median round, with every round's rate in `tokens_per_s_rounds`: on a noisy machine a run's rate
+can differ by 10% between rounds, as much as the gains measured. Runs 4-5 go once.
 Runs 3-5 use --dtype; baselines stay fp32. Every run sees the same texts, truncated to the same
 --max-length (default: the model's positions, which is also the CLI's default). --device cuda runs
 every one of them and the limit's matmul on the GPU; runs 1-3 are warmed up first (CUDA context,
@@ -89,6 +92,7 @@ import threading
 import time
 import traceback
 import uuid
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -411,28 +415,43 @@ def rounded(value):
 
 
 def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None,
-            e2e_dir: Path | None, scale: int, device: str) -> dict[str, dict]:  # fmt: skip
-    """Every run of the module docstring, in order, on the same texts."""
-    runs = {}
+            e2e_dir: Path | None, scale: int, device: str, repeats: int = 1) -> dict[str, dict]:  # fmt: skip
+    """Every run of the module docstring, in order, on the same texts. Runs 1-3 go `repeats` rounds,
+    interleaved (a slow moment of the machine hits each of them alike); each keeps its median run."""
 
-    def record(name: str, result: dict) -> None:
-        runs[name] = result
+    def report(name: str, result: dict) -> dict:
         print(f"{name}: {result['tokens_per_s']:,.0f} tokens/s over {result['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        return result
 
-    record("transformers_usual", in_process(transformers_loop, bench, model_dir, texts, max_length, False, device))
+    def stage():
+        if device == "cuda":  # the baselines' cached GPU memory, so that the model stage's process and the CLI's actor have it
+            torch.cuda.empty_cache()
+        # In a process started as the CLI starts its inference actor (on CPU: jemalloc, capped caches).
+        env = cpu_inference_env() if device == "cpu" else {}
+        return in_fresh_process(env, model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device)
+
+    rounds = {"transformers_usual": partial(in_process, transformers_loop, bench, model_dir, texts, max_length, False, device)}
     if bench.sorted_baseline:
-        record("transformers_sorted", in_process(transformers_loop, bench, model_dir, texts, max_length, True, device))
-    if device == "cuda":  # the baselines' cached GPU memory, so that the model stage's process and the CLI's actor have it
-        torch.cuda.empty_cache()
-    # In a process started as the CLI starts its inference actor (on CPU: jemalloc, capped caches).
-    env = cpu_inference_env() if device == "cpu" else {}
-    record("rayberta_model_stage", in_fresh_process(env, model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device))
+        rounds["transformers_sorted"] = partial(in_process, transformers_loop, bench, model_dir, texts, max_length, True, device)
+    rounds["rayberta_model_stage"] = stage
+    results = {name: [] for name in rounds}
+    for _ in range(repeats):
+        for name, run in rounds.items():
+            results[name].append(report(name, run()))
+    runs = {name: median_run(r) for name, r in results.items()}
     if e2e_dir:
-        record("rayberta_end_to_end", end_to_end(bench, model_dir, texts, e2e_dir, max_length, dtype, batch_tokens, device))
+        runs["rayberta_end_to_end"] = report("rayberta_end_to_end", end_to_end(bench, model_dir, texts, e2e_dir, max_length, dtype, batch_tokens, device))
         if scale > 1:  # its first rows are `texts`, so its quality is checked on those
-            more = corpus(len(texts) * scale)
-            record(f"rayberta_end_to_end_x{scale}", end_to_end(bench, model_dir, more, e2e_dir, max_length, dtype, batch_tokens, device))
+            more, name = corpus(len(texts) * scale), f"rayberta_end_to_end_x{scale}"
+            runs[name] = report(name, end_to_end(bench, model_dir, more, e2e_dir, max_length, dtype, batch_tokens, device))
     return runs
+
+
+def median_run(results: list[dict]) -> dict:
+    """Of one run's rounds, the one with the median rate (the slower middle one of an even count),
+    with every round's rate in `tokens_per_s_rounds` (the figures are all that round's)."""
+    middle = sorted(results, key=lambda r: r["tokens_per_s"])[(len(results) - 1) // 2]
+    return {**middle, "tokens_per_s_rounds": [r["tokens_per_s"] for r in results]} if len(results) > 1 else middle
 
 
 def compare(bench: Bench, runs: dict[str, dict], config: RobertaConfig, matmul: float) -> dict[str, dict]:
@@ -463,7 +482,7 @@ def scale_report(base: dict, big: dict) -> dict:
 
 
 def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, batch_tokens: int | None, workdir: Path,
-         skip_e2e: bool, scale: int, device: str = "cpu") -> dict:  # fmt: skip
+         skip_e2e: bool, scale: int, device: str = "cpu", repeats: int = 1) -> dict:  # fmt: skip
     bench = BENCHES[task]
     model_dir = bench.checkpoint(workdir, size)
     max_length = max_length or RobertaTokenizer.from_pretrained(model_dir).model_max_length
@@ -471,12 +490,12 @@ def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, ba
     # The limit's matmul, before the runs and after: the faster counts, so that a slow moment of a
     # shared machine does not lower the limit (measured here once: 123 instead of 172 GFLOP/s).
     matmuls = [matmul_flops(getattr(torch, dtype), device)]
-    runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale, device)
+    runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale, device, repeats)
     matmuls.append(matmul_flops(getattr(torch, dtype), device))
     matmul = max(matmuls)
     config = RobertaConfig.from_pretrained(model_dir)
     per_token = flops_per_token(bench, config, runs["rayberta_model_stage"]["lengths"])
-    results = {"task": task, "model": str(model_dir), "size": "all-MiniLM-L6-v2" if task == "embed" else size, "rows": rows,
+    results = {"task": task, "model": str(model_dir), "size": "all-MiniLM-L6-v2" if task == "embed" else size, "rows": rows, "repeats": repeats,
                "dtype": dtype, "max_length": max_length, "batch_tokens": runs["rayberta_model_stage"]["batch_tokens"], "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "limit": rounded({"matmul_gflops": matmul / 1e9, "matmul_gflops_before_after": [round(m / 1e9, 1) for m in matmuls],
@@ -497,14 +516,18 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="rayberta's dtype (baselines stay fp32)")
     p.add_argument("--batch-tokens", type=int, default=None, help="rayberta's micro-batch token budget (default: the CLI's)")
     p.add_argument("--scale", type=int, default=1, help="also run end to end at N x the rows (past 33,530 the shuffled corpus repeats)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of runs 1-3, interleaved; each reports its median round (the end-to-end runs go once)")
     p.add_argument("--workdir", type=Path, default=Path("data/bench"), help="checkpoints and Parquet files go here")
     p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every run computes, baselines included")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats: at least 1")
     bench = BENCHES[args.task]
     results = main(args.task, args.size, args.rows or bench.rows, args.dtype, args.max_length or bench.max_length,
-                   args.batch_tokens, args.workdir, args.skip_e2e, args.scale, args.device)  # fmt: skip
+                   args.batch_tokens, args.workdir, args.skip_e2e, args.scale, args.device, args.repeats)  # fmt: skip
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -37,6 +37,21 @@ def test_runs_side_by_side_on_the_same_rows(workdir, task, quality):
     assert results["batch_tokens"] == stage["batch_tokens"] > 0
 
 
+def test_repeated_rounds_report_each_runs_median_round(workdir):
+    results = benchmark.main("classify", "small", rows=6, dtype="float32", max_length=32, batch_tokens=None,
+                             workdir=workdir, skip_e2e=True, scale=1, repeats=2)  # fmt: skip
+    assert results["repeats"] == 2
+    for name in ("transformers_usual", "transformers_sorted", "rayberta_model_stage"):
+        rounds = results[name]["tokens_per_s_rounds"]
+        assert len(rounds) == 2 and results[name]["tokens_per_s"] == pytest.approx(min(rounds), rel=1e-3)  # the slower middle one
+    assert results["rayberta_model_stage"]["quality"]["label_agreement"] == 1
+
+
+def test_median_run_of_an_odd_count_is_the_middle_one():
+    rounds = [{"tokens_per_s": rate, "wall_s": 1 / rate} for rate in (3.0, 1.0, 2.0)]
+    assert benchmark.median_run(rounds) == {"tokens_per_s": 2.0, "wall_s": 0.5, "tokens_per_s_rounds": [3.0, 1.0, 2.0]}
+
+
 @pytest.mark.parametrize("task, head", [("classify", "classifier"), ("embed", "base"), ("score-causal", "causal_lm"),
                                         ("score-pseudo", "masked_lm")])  # fmt: skip
 def test_flops_per_token_counts_what_the_task_computes(checkpoints, task, head):
