@@ -22,8 +22,10 @@ can differ by 10% between rounds, as much as the gains measured. Runs 4-5 go onc
 Runs 3-5 use --dtype; baselines stay fp32. Every run sees the same texts, truncated to the same
 --max-length (default: the model's positions, which is also the CLI's default). --device cuda runs
 every one of them and the limit's matmul on the GPU; runs 1-3 are warmed up first (CUDA context,
-cuBLAS handles, kernel choice) on the first 64 texts, outside the timing; runs 4-5 include their
-start-up, as a user's job does.
+cuBLAS handles, kernel choice), outside the timing: the baselines on the first 64 texts, the model
+stage on one call's rows (its calls pad to many more shapes, and it runs for seconds where the
+baselines run for a minute: on an H100, warmed on 64 texts only, its first call's one-off costs
+took the GPU's busy time from 92-97% to 81-85%); runs 4-5 include their start-up, as a user's job does.
 
 Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16):
 - classify: a random RoBERTa classifier; label agreement, max probability difference.
@@ -109,7 +111,7 @@ from pipeline.tokenize import Tokenize
 MARKER = "RAYBERTA_BENCH_RUN"  # environment variable naming the end-to-end run a process belongs to
 
 
-WARM_UP_ROWS = 64  # texts each GPU run computes once before its timing starts
+WARM_UP_ROWS = 64  # texts each GPU baseline computes once before its timing starts
 
 
 def transformers_loop(bench: Bench, model_dir: Path, texts: list[str], max_length: int, sort: bool, device: str) -> dict:
@@ -147,9 +149,9 @@ def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int
     tokens = Tokenize(str(model_dir), max_length=max_length)(pa.table({"id": np.arange(len(texts)), "text": texts}))
     infer = Infer(str(model_dir), bench.task, bench.options, dtype=dtype, device=device, batch_tokens=batch_tokens)
     lengths = tokens["input_tokens"].to_numpy()
-    if device == "cuda":
-        infer(tokens.slice(0, WARM_UP_ROWS))
     per_call = INFER_ROWS[device]  # rows per call, as the CLI's inference actor gets them
+    if device == "cuda":  # the kernels and allocator blocks of a call's shapes (module docstring)
+        infer(tokens.slice(0, per_call))
     calls = range(0, len(texts), per_call)
     with GpuBusy(device) as busy:  # Infer's outputs are numpy: each call returns once the GPU is done
         start = time.perf_counter()
