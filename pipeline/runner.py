@@ -108,6 +108,14 @@ def inference_remote_args(gpu: bool) -> dict:
     return {"num_gpus": 0, "num_cpus": 0.25, "runtime_env": {"env_vars": cpu_inference_env()}}
 
 
+def inference_pool(actors: int) -> ray.data.ActorPoolStrategy:
+    """The inference actors: each takes one call at a time and runs it in its own thread, the one
+    that built the model. By default Ray Data runs a call in a thread of its own, and there a bf16
+    model computed on 1.5-1.7 of 2 cores and 15-20% slower (measured: Infer built in the main
+    thread, called in a ThreadPoolExecutor's; fp32 was not slowed)."""
+    return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=1, enable_true_multi_threading=True)
+
+
 class JobInterrupted(RuntimeError):
     """A job stopped by a fault; a rerun of the same command resumes it."""
 
@@ -202,11 +210,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
                                    batch_tokens=options.batch_tokens),  # fmt: skip
         batch_format="pyarrow",
         batch_size=INFER_ROWS["cuda" if gpu else "cpu"],  # Ray Data joins blocks (of any shards) into a call
-        # One call at a time per actor, run in the actor's own thread, the one that built the model.
-        # By default Ray Data runs a call in a thread of its own, and there a bf16 model computed
-        # on 1.5-1.7 of 2 cores and 15-20% slower (measured: Infer built in the main thread, called
-        # in a ThreadPoolExecutor's; fp32 was not slowed).
-        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=1, enable_true_multi_threading=True),
+        compute=inference_pool(actors),
         **inference_remote_args(gpu),
     )
 

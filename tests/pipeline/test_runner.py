@@ -3,6 +3,7 @@ with transformers; ids, schema, summary; the Python API; and clear errors for ba
 
 import json
 import os
+import threading
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 
 import pipeline
 from pipeline import InputError, Options, TaskError, TaskOptions, run
-from pipeline.runner import JEMALLOC, SHAPE_CACHE_CAPACITY, SHAPE_CACHES, cpu_inference_env, inference_remote_args
+from pipeline.runner import JEMALLOC, SHAPE_CACHE_CAPACITY, SHAPE_CACHES, cpu_inference_env, inference_pool, inference_remote_args
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -102,6 +103,26 @@ def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):
     np.testing.assert_allclose(np.stack(out["logits"]), logits, atol=ATOL)
     chained = pipeline.embed(ds.select_columns(["id", "label"]).rename_columns({"label": "text"}), model=checkpoints["base"])
     assert chained.count() == len(df)
+
+
+class CalledInItsBuildersThread:
+    """A stand-in for Infer: says, for each row, whether the call ran in the thread that built it."""
+
+    def __init__(self):
+        self.builder = threading.get_ident()
+
+    def __call__(self, batch: dict) -> dict:
+        return {"same_thread": np.full(len(batch["id"]), threading.get_ident() == self.builder)}
+
+
+def test_inference_actors_compute_in_the_thread_that_built_the_model(ray_session):
+    def same_thread(compute) -> set:
+        ds = ray_session.data.range(8, override_num_blocks=4)
+        return {row["same_thread"] for row in ds.map_batches(CalledInItsBuildersThread, batch_size=2, compute=compute).take_all()}
+
+    assert same_thread(inference_pool(actors=1)) == {True}
+    # Ray Data's default, which inference_pool overrides: the calls run in another thread.
+    assert same_thread(ray_session.data.ActorPoolStrategy(size=1)) == {False}
 
 
 def test_cpu_inference_actor_computes_on_every_core_with_its_environment(ray_session, checkpoints):
