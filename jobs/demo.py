@@ -49,14 +49,25 @@ def write_shards(rows: int, directory: Path, shards: int = 4, seed: int = 0) -> 
     return table
 
 
+class CentroidProbe:
+    """A linear classifier fit in one step: one centroid per label of the embeddings it is given;
+    it labels an embedding with the nearest centroid."""
+
+    def __init__(self, embeddings: np.ndarray, labels: np.ndarray):
+        self.classes = np.unique(labels)
+        self.centroids = np.stack([embeddings[labels == c].mean(0) for c in self.classes])  # (classes, D)
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        # argmin |e - c|^2 = argmax e.c - |c|^2 / 2
+        return self.classes[np.argmax(embeddings @ self.centroids.T - 0.5 * (self.centroids**2).sum(1), axis=1)]
+
+
 def centroid_probe_accuracy(embeddings: np.ndarray, labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> float:
-    """Fit one centroid per label on the training split; accuracy of the nearest centroid on the rest."""
+    """Fit the probe on the training split; its accuracy on the rest."""
     order = np.random.default_rng(seed).permutation(len(labels))
     test, train = order[: int(len(order) * test_fraction)], order[int(len(order) * test_fraction) :]
-    classes = np.unique(labels[train])
-    centroids = np.stack([embeddings[train][labels[train] == c].mean(0) for c in classes])
-    predicted = classes[np.argmax(embeddings[test] @ centroids.T - 0.5 * (centroids**2).sum(1), axis=1)]
-    return float((predicted == labels[test]).mean())
+    probe = CentroidProbe(embeddings[train], labels[train])
+    return float((probe(embeddings[test]) == labels[test]).mean())
 
 
 def main(rows: int, workdir: Path) -> float:

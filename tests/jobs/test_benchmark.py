@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from jobs import benchmark
-from jobs.bench_tasks import BENCHES
+from jobs.bench_tasks import BENCHES, corpus
 from pipeline.tasks import make_task
 
 
@@ -45,6 +45,16 @@ def test_repeated_rounds_report_each_runs_median_round(workdir):
         rounds = results[name]["tokens_per_s_rounds"]
         assert len(rounds) == 2 and results[name]["tokens_per_s"] == pytest.approx(min(rounds), rel=1e-3)  # the slower middle one
     assert results["rayberta_model_stage"]["quality"]["label_agreement"] == 1
+
+
+def test_embed_quality_labels_rows_with_a_sentiment_probe_fit_on_the_reference():
+    labels = np.array(corpus(40, column="label"))
+    reference = np.random.default_rng(0).normal(size=(40, 8)) + 2.0 * labels[:, None]  # one cluster per label
+    assert BENCHES["embed"].quality(reference.copy(), reference)["probe_label_agreement"] == 1
+    moved = reference.copy()
+    moved[0] = reference[labels != labels[0]].mean(0)  # onto the other label's centroid
+    quality = BENCHES["embed"].quality(moved, reference)
+    assert quality["probe_label_agreement"] == 39 / 40 and quality["min_cosine"] < 0.999
 
 
 def test_median_run_of_an_odd_count_is_the_middle_one():
