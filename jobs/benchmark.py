@@ -25,12 +25,14 @@ every one of them and the limit's matmul on the GPU; runs 1-3 are warmed up firs
 cuBLAS handles, kernel choice), outside the timing: the baselines on the first 64 texts, the model
 stage on one call's rows (its calls pad to many more shapes, and it runs for seconds where the
 baselines run for a minute: on an H100, warmed on 64 texts only, its first call's one-off costs
-took the GPU's busy time from 92-97% to 81-85%); runs 4-5 include their start-up, as a user's job does.
+took the GPU's busy time from 92-97% to 81-85%); runs 4-5 include their start-up, as a user's job
+does.
 
 Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16):
 - classify: a random RoBERTa classifier; label agreement, max probability difference.
 - embed: all-MiniLM-L6-v2 (real weights), mean pooling over the mask + L2 normalisation;
-  min and mean cosine similarity (bound: min >= 0.999).
+  min and mean cosine similarity (bound: min >= 0.999), and a sentiment probe's label agreement
+  (a classifier trained on real embeddings; bench_tasks.Embed.quality).
 - score-causal: a random RoBERTa causal LM; summed log-likelihood of every token after <s>.
   perplexity = exp(-sum LL / sum scored tokens); relative difference (bound: within 1%).
 - score-pseudo: a random RoBERTa masked LM; pseudo-log-likelihood (each token between <s> and
