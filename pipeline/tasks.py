@@ -235,12 +235,20 @@ class Score(Task):
                     jobs += [(row, begin, end, [t]) for t in range(first, stop)]
         lp, rows = [], []
         for chunk in micro_chunks(jobs, budget):
-            width = max(end - begin for _, begin, end, _ in chunk)
-            window_ids = torch.full((len(chunk), width), model.config.pad_token_id, device=ids.device)
-            window_mask = torch.zeros_like(window_ids)
-            for i, (row, begin, end, targets) in enumerate(chunk):
-                window_ids[i, : end - begin], window_mask[i, : end - begin] = ids[row, begin:end], 1
-            job, at = (torch.tensor(x, device=ids.device) for x in zip(*[(i, t - chunk[i][1]) for i, c in enumerate(chunk) for t in c[3]]))
+            # The chunk's (C, width) windows as indices into the flat ids, laid out with numpy and
+            # copied once: a copy per window was a kernel launch each on a GPU, and reading the
+            # target rows back from the device made the host wait for it.
+            row, begin, end = (np.array(x) for x in zip(*[w[:3] for w in chunk]))
+            width = int((end - begin).max())
+            offsets = np.arange(width)
+            inside = offsets < (end - begin)[:, None]  # (C, width)
+            # (C, width) positions in the flat ids; past a window's end, its last token (masked out)
+            source = row[:, None] * ids.shape[1] + np.minimum(begin[:, None] + offsets, end[:, None] - 1)
+            copy = np.repeat(np.arange(len(chunk)), [len(w[3]) for w in chunk])  # (N,) the window of each target
+            at = np.concatenate([w[3] for w in chunk]) - begin[copy]  # (N,) the target's position in it
+            source, inside, job, at = (torch.from_numpy(x).to(ids.device) for x in (source, inside, copy, at))
+            window_ids = ids.reshape(-1)[source].masked_fill(~inside, model.config.pad_token_id)  # (C, width)
+            window_mask = inside.long()
             targets = window_ids[job, at]
             if self.method == "pseudo":
                 window_ids[job, at] = self.mask_token_id  # one target per copy
@@ -251,7 +259,7 @@ class Score(Task):
                 index[job, 0] = at  # (C, 1)
                 hidden = model.roberta.hidden_at(window_ids, window_mask, index)[job, 0]  # (N, H), N = C
             lp.append(self.token_log_probs(model, hidden, targets))
-            rows.append(torch.tensor([chunk[i][0] for i in job.tolist()], device=ids.device))
+            rows.append(torch.from_numpy(row[copy]).to(ids.device))
         lp = torch.cat(lp) if lp else torch.zeros(0, device=ids.device)
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=ids.device)
         ll = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add_(0, rows, lp.double())
