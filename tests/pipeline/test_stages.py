@@ -1,5 +1,5 @@
 """The inference stage on plain Arrow tables, no Ray: packing, and every task against transformers,
-whatever the micro-batch composition or row order."""
+whatever the micro-batch composition or row order, with padded and with unpadded layers (`layers`)."""
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +47,7 @@ def test_pad_gathers_rows_of_a_flat_list_column():
 
 
 @pytest.mark.parametrize("budget, seed", [(None, None), (300, 1), (64, 2)])
-def test_classify_equals_transformers_for_any_batching(checkpoints, texts, budget, seed):
+def test_classify_equals_transformers_for_any_batching(checkpoints, texts, budget, seed, layers):
     out = run_infer(checkpoints["classifier"], "classify", texts, budget, seed, logits=True)
     logits = reference.classify(checkpoints["classifier"], texts)
     np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)), logits, atol=ATOL)
@@ -85,11 +85,11 @@ def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, mo
     infer = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), batch_tokens=2048, device="cpu")
     run, sizes = infer.task.run, []
 
-    def small_memory(model, ids, mask, budget):
+    def small_memory(model, ids, mask, lengths, budget):
         if ids.numel() > 256:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         sizes.append(ids.numel())
-        return run(model, ids, mask, budget)
+        return run(model, ids, mask, lengths, budget)
 
     monkeypatch.setattr(infer.task, "run", small_memory)
     out = infer(tokens)
@@ -133,14 +133,14 @@ def test_classify_multi_label_and_regression(checkpoints, texts):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_embed_equals_transformers_mean_pooling(checkpoints, texts, dtype):
+def test_embed_equals_transformers_mean_pooling(checkpoints, texts, dtype, layers):
     out = run_infer(checkpoints["base"], "embed", texts, budget=256, shuffle_seed=3, embedding_dtype=dtype)
     got = np.stack(out["embedding"].to_numpy(zero_copy_only=False))
     assert got.dtype == np.dtype(dtype) and out.schema.field("embedding").type.list_size == 32
     np.testing.assert_allclose(got, reference.embed(checkpoints["base"], texts), atol=ATOL if dtype == "float32" else 1e-2)
 
 
-def test_fill_mask_top_k_at_every_mask(checkpoints):
+def test_fill_mask_top_k_at_every_mask(checkpoints, layers):
     texts = ["The movie was <mask>.", "No mask here.", "<mask> acting, <mask> plot and a <mask> ending.", ""]
     out = run_infer(checkpoints["masked_lm"], "fill-mask", texts, budget=40, shuffle_seed=4, top_k=3)
     expected = reference.fill_mask(checkpoints["masked_lm"], texts, top_k=3)
@@ -153,7 +153,7 @@ def test_fill_mask_top_k_at_every_mask(checkpoints):
             np.testing.assert_allclose([p["probability"] for p in predictions], probs, atol=ATOL)
 
 
-def test_score_causal_log_likelihood(checkpoints, texts):
+def test_score_causal_log_likelihood(checkpoints, texts, layers):
     out = run_infer(checkpoints["causal_lm"], "score", texts, budget=500, shuffle_seed=5)
     expected = reference.causal_log_likelihood(checkpoints["causal_lm"], texts)
     np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected], rtol=1e-5, atol=1e-3)
@@ -161,7 +161,7 @@ def test_score_causal_log_likelihood(checkpoints, texts):
     np.testing.assert_allclose(out["perplexity"].to_numpy(), [np.exp(-ll / n) for ll, n in expected], rtol=1e-4)
 
 
-def test_score_long_documents_with_stride(checkpoints, texts):
+def test_score_long_documents_with_stride(checkpoints, texts, layers):
     long = [t for t in texts if len(t) > 1500][:4] + ["Short one."]
     batch = table(long)
     tokens = Tokenize(str(checkpoints["causal_lm"]), max_length=10**9)(batch)
@@ -174,7 +174,7 @@ def test_score_long_documents_with_stride(checkpoints, texts):
         Infer(str(checkpoints["causal_lm"]), "score", TaskOptions(stride=200), device="cpu")
 
 
-def test_score_pseudo_log_likelihood(checkpoints, texts):
+def test_score_pseudo_log_likelihood(checkpoints, texts, layers):
     short = [t[:80] for t in texts[:6]] + ["", "Fine."]
     out = run_infer(checkpoints["masked_lm"], "score", short, budget=300, shuffle_seed=6)
     expected = reference.pseudo_log_likelihood(checkpoints["masked_lm"], short)
