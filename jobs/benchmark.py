@@ -52,7 +52,8 @@ Definitions:
 - tokens: real (non-padding) tokens of the rows, specials included; tokens_per_s = tokens / wall_s.
 - padding = padded / computed positions: of the baselines' batches, and of the model stage's
   micro-batches (length-sorted, cut by the token budget; pseudo-LL counts each row's copies),
-  0 where the layers skip the pads (model.roberta.UNPADDED_DEVICES: a GPU).
+  0 where the layers skip the pads (model.roberta.UNPADDED_DEVICES: a GPU; its attention still
+  pads at fp32, where FlashAttention's variable-length kernel does not run).
 - x_usual, x_sorted = tokens_per_s / that of transformers_usual, transformers_sorted.
 - limit: dense (2048 x 2048) matmul FLOP/s measured here at --dtype, before the runs and after
   (the faster counts), over FLOPs per token; and
@@ -60,7 +61,8 @@ Definitions:
       FLOPs/token = [sum_i c_i E(T_i) + F_head sum_i s_i] / sum_i T_i
   E(T) = T L f(T) = the encoder's FLOPs for one pass over T tokens, where f(T) = 2 (4 H^2 + 2 H I)
   + 4 H T is one layer's per token: its weights, then QK^T and attention x V (full T x T, as dense
-  kernels compute it, causal too). classify and score-pseudo need the last layer at one position
+  kernels compute it, causal too; FlashAttention's causal kernel on a GPU skips about half of it,
+  so there score-causal's limit counts more than is computed). classify and score-pseudo need the last layer at one position
   per pass only (the head reads <s> / the masked token; `RobertaModel.hidden_at`), so for them
   E(T) = T ((L - 1) f(T) + 4 H^2) + f(T) - 4 H^2: keys and values at every position, the rest of
   the last layer at that one. c_i = encoder passes of row i (1; T_i - 2 for pseudo-LL); s_i =

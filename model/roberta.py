@@ -291,15 +291,29 @@ class Ragged:
         return padded.view(self.rows, self.width, *x.shape[1:])
 
 
+def flash_varlen_runs(q: torch.Tensor) -> bool:
+    """Whether FlashAttention's variable-length kernel takes q (Nq, nh, hs): torch >= 2.11, fp16 or
+    bf16, an NVIDIA GPU of compute capability 8.0 (Ampere) or newer, hs a multiple of 8 up to 256."""
+    return (
+        varlen_attn is not None
+        and q.is_cuda
+        and torch.version.cuda is not None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    )
+
+
 @dataclass(frozen=True)
 class PackedAttention:
     """Attention between packed rows: row b's queries (of `queries`) see only row b's keys (of
     `keys`); `causal`: each row's queries are its keys' positions and see only the earlier ones.
 
-    At fp16/bf16 on a GPU, FlashAttention's variable-length kernel runs on the packed tokens as they
-    are. Otherwise (fp32, torch < 2.11, a head size flash does not take, a CPU) queries, keys and
-    values are padded back for SDPA with the padded layout's `bias`; the other layers still skip
-    the pads."""
+    Where FlashAttention's variable-length kernel runs (`flash_varlen_runs`: fp16/bf16 on an
+    Ampere or newer GPU), it takes the packed tokens as they are. Otherwise (fp32, an older GPU,
+    torch < 2.11, a CPU) queries, keys and values are padded back for SDPA with the padded layout's
+    `bias`; the other layers still skip the pads."""
 
     queries: Ragged
     keys: Ragged
@@ -307,7 +321,7 @@ class PackedAttention:
     causal: bool
 
     def __call__(self, q, k, v):  # q (Nq, nh, hs), k and v (Nk, nh, hs) -> (Nq, nh, hs)
-        if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0:
+        if flash_varlen_runs(q):
             q_rows, k_rows = self.queries, self.keys
             window = (-1, 0) if self.causal else (-1, -1)  # (-1, 0): no key after the query
             return varlen_attn(q, k, v, q_rows.cu_seqlens, k_rows.cu_seqlens, q_rows.max_seqlen, k_rows.max_seqlen, window_size=window)
@@ -369,10 +383,10 @@ class RobertaModel(PreTrained):
         *,
         lengths=None,
     ):
-        """lengths: each row's real-token count (host ints), for right-padded rows: on
-        UNPADDED_DEVICES the layers then run on the real tokens only (see `Ragged`). Not with a
-        cache, cross-attention, head_mask, attention maps or a 4-D mask; use_cache left at None
-        means no cache then."""
+        """lengths: each row's real-token count (host ints) for the right-padded rows that
+        attention_mask (B, T) describes: on UNPADDED_DEVICES the layers then run on the real tokens
+        only (see `Ragged`). Not with a cache, cross-attention, head_mask or attention maps;
+        use_cache left at None means no cache then."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         config = self.config
@@ -420,9 +434,9 @@ class RobertaModel(PreTrained):
     def hidden_at(self, input_ids, attention_mask, index, lengths=None) -> torch.Tensor:
         """The last hidden state at `index` only: input_ids, attention_mask (B, T), index (B, n)
         positions -> (B, n, H), equal to `forward(...).last_hidden_state` gathered at `index`.
-        lengths: as in `forward`, and then `index` must point at real tokens (a decoder ignores
-        them: its kept queries are not its rows' last tokens, which the variable-length kernel's
-        causal mode assumes).
+        lengths: as in `forward`, and then `index` must point at real tokens (a row with none has
+        none to point at). A decoder runs padded: its kept queries are not its rows' last tokens,
+        which the variable-length kernel's causal mode assumes.
 
         The inference path for callers whose head reads a few positions per row (classify: <s>;
         pseudo-log-likelihood: the masked token). The last layer computes keys and values at every
@@ -434,10 +448,12 @@ class RobertaModel(PreTrained):
         causal = self.config.is_decoder
         bias = attention_bias(attention_mask, T, T, causal, x.dtype, x.device)  # (B|1, 1, T|1, T)
         packed = None
-        if lengths is not None and x.device.type in UNPADDED_DEVICES and not causal:
-            rows = Ragged.from_lengths(lengths, T, x.device)
-            packed = PackedAttention(rows, rows, bias, False)
-            x = rows.pack(x)  # (N, H)
+        if lengths is not None:
+            self.check_unpadded(attention_mask)
+            if x.device.type in UNPADDED_DEVICES and not causal:
+                rows = Ragged.from_lengths(lengths, T, x.device)
+                packed = PackedAttention(rows, rows, bias, False)
+                x = rows.pack(x)  # (N, H)
         for layer in self.layers[:-1]:
             x = layer(x, bias, None, None, None, None, False, packed)[0]
         if packed is not None:  # the n queries of each row, packed: (B * n, H)
@@ -451,10 +467,12 @@ class RobertaModel(PreTrained):
         return last.feed_forward(last.attention(queries, bias, kv_input=x, packed=packed)[0]).view(B, n, -1)
 
     @staticmethod
-    def check_unpadded(attention_mask, head_mask, encoder_hidden_states, past_key_values, use_cache, output_attentions):
+    def check_unpadded(attention_mask, head_mask=None, encoder_hidden_states=None, past_key_values=None, use_cache=None,
+                       output_attentions=False):  # fmt: skip
         """`lengths` runs the self-attention of plain right-padded rows only."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            raise ValueError("lengths needs the (B, T) attention_mask of the same right-padded rows: its fallback attention masks with it")
         unsupported = {
-            "a 4-D attention_mask": attention_mask is not None and attention_mask.dim() == 4,
             "head_mask": head_mask is not None,
             "encoder_hidden_states": encoder_hidden_states is not None,
             "past_key_values": bool(past_key_values),

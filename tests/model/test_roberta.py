@@ -283,6 +283,16 @@ def test_lengths_refuse_what_packed_rows_cannot_give(tmp_path, unsupported):
         mine(ids, mask, lengths=LENGTHS, **unsupported)
 
 
+def test_lengths_need_the_attention_mask_they_describe(tmp_path):
+    _, mine = load_pair(tmp_path, "RobertaModel")
+    ids, mask, _ = padded_batch(LENGTHS)
+    block = torch.ones(len(ids), 1, ids.shape[1], ids.shape[1], dtype=torch.bool)
+    for call in (lambda: mine(ids, lengths=LENGTHS), lambda: mine(ids, block, lengths=LENGTHS),
+                 lambda: mine.hidden_at(ids, None, torch.zeros(len(ids), 1, dtype=torch.long), LENGTHS)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"lengths needs the \(B, T\) attention_mask"):
+            call()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("is_decoder", [False, True])
@@ -304,7 +314,9 @@ def test_flash_variable_length_attention_on_a_gpu(tmp_path, is_decoder, dtype):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             packed = half(ids, mask, lengths=lengths).last_hidden_state
             at = half.hidden_at(ids, mask, index, lengths)
-    assert any("flash_attention_forward" in event.key for event in profile.key_averages())
+    # FlashAttention's kernel ran for every layer: both calls' (a decoder's hidden_at runs padded)
+    flash_calls = sum(event.count for event in profile.key_averages() if "flash_attention_forward" in event.key)
+    assert flash_calls >= mine.config.num_hidden_layers * (1 if is_decoder else 2)
     tolerance = 2 * (padded[real].float() - exact[real]).abs().max().item()
     close(packed[real].float(), exact[real], atol=tolerance)
     if not is_decoder:  # a decoder's hidden_at runs padded (its docstring)
