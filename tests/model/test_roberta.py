@@ -5,6 +5,7 @@ loaded through our loader, so these tests cover the key table as well as the for
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import model as ours
@@ -291,6 +292,41 @@ def test_lengths_need_the_attention_mask_they_describe(tmp_path):
                  lambda: mine.hidden_at(ids, None, torch.zeros(len(ids), 1, dtype=torch.long), LENGTHS)):  # fmt: skip
         with pytest.raises(ValueError, match=r"lengths needs the \(B, T\) attention_mask"):
             call()
+
+
+def flash_varlen_contract(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size):
+    """FlashAttention's variable-length attention as torch.nn.attention.varlen documents it, row by
+    row with SDPA: row b's queries q[cu_seq_q[b]:cu_seq_q[b + 1]] attend to its keys only; window
+    (-1, 0) hides the keys after each query, aligned to the row's last key."""
+    assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and q.dim() == k.dim() == v.dim() == 3
+    q_lengths, k_lengths = cu_seq_q.diff().tolist(), cu_seq_k.diff().tolist()
+    assert (max_q, max_k) == (max(q_lengths), max(k_lengths)) and window_size in ((-1, -1), (-1, 0))
+    rows = []
+    for qb, kb, vb in zip(q.split(q_lengths), k.split(k_lengths), v.split(k_lengths)):
+        Lq, Lk = len(qb), len(kb)
+        allowed = torch.ones(Lq, Lk, dtype=torch.bool)
+        if window_size == (-1, 0):
+            allowed = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + Lk - Lq
+        y = F.scaled_dot_product_attention(qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=allowed)
+        rows.append(y.transpose(0, 1))  # (Lq, nh, hs)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_flash_branch_passes_the_kernel_each_rows_queries_and_keys(tmp_path, unpadded_on_cpu, monkeypatch, is_decoder):
+    """The kernel itself needs a GPU (next test); here the model's call of it runs against the
+    kernel's documented contract, so the packed layouts it is given (hidden_at's queries apart from
+    its keys, a decoder's window) are checked against transformers on this CPU."""
+    monkeypatch.setattr(ours.roberta, "varlen_attn", flash_varlen_contract)
+    monkeypatch.setattr(ours.roberta, "flash_varlen_runs", lambda q: True)
+    ref, mine = load_pair(tmp_path, "RobertaModel", is_decoder=is_decoder)
+    ids, mask, _ = padded_batch(LENGTHS)
+    real = mask.bool()
+    index = torch.tensor([[0, 3], [2, 3], [11, 0], [1, 0]])  # (B, n), real tokens only
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        close(mine(ids, mask, lengths=LENGTHS).last_hidden_state[real], expected[real])
+        close(mine.hidden_at(ids, mask, index, LENGTHS), expected.gather(1, index[..., None].expand(-1, -1, expected.shape[-1])))
 
 
 @pytest.mark.gpu
