@@ -62,8 +62,9 @@ Definitions:
   E(T) = T L f(T) = the encoder's FLOPs for one pass over T tokens, where f(T) = 2 (4 H^2 + 2 H I)
   + 4 H T is one layer's per token: its weights, then QK^T and attention x V (full T x T, as dense
   kernels compute it, causal too; FlashAttention's causal kernel on a GPU skips about half of it,
-  so there score-causal's limit counts more than is computed). classify and score-pseudo need the last layer at one position
-  per pass only (the head reads <s> / the masked token; `RobertaModel.hidden_at`), so for them
+  so there score-causal's limit counts more than is computed). classify and score-pseudo need the
+  last layer at one position per pass only (the head reads <s> / the masked token;
+  `RobertaModel.hidden_at`), so for them
   E(T) = T ((L - 1) f(T) + 4 H^2) + f(T) - 4 H^2: keys and values at every position, the rest of
   the last layer at that one. c_i = encoder passes of row i (1; T_i - 2 for pseudo-LL); s_i =
   positions where the head runs and F_head its FLOPs there: classify 1 (<s>), 2 (H^2 + H x labels);

@@ -330,6 +330,15 @@ class PackedAttention:
         return self.queries.pack(y.transpose(1, 2))
 
 
+def pack_rows(x: torch.Tensor, lengths, bias, causal: bool) -> tuple[torch.Tensor, PackedAttention | None]:
+    """x (B, T, H) packed to its real tokens (N, H), with the attention over those rows, where the
+    layers skip the pads (`lengths` given, the device in UNPADDED_DEVICES); else (x, None)."""
+    if lengths is None or x.device.type not in UNPADDED_DEVICES:
+        return x, None
+    rows = Ragged.from_lengths(lengths, x.shape[1], x.device)
+    return rows.pack(x), PackedAttention(rows, rows, bias, causal)
+
+
 class PreTrained(nn.Module):
     """What every class shares: construction from a checkpoint directory and saving to one."""
 
@@ -403,11 +412,8 @@ class RobertaModel(PreTrained):
         if encoder_hidden_states is not None and encoder_attention_mask is not None:
             encoder_bias = attention_bias(encoder_attention_mask, T, encoder_hidden_states.shape[1], False, x.dtype, x.device)
         head_masks = self.head_masks(head_mask, x.dtype)
-        packed, padded = None, lambda h: h  # padded: the layers' states (B, T, H) as returned
-        if lengths is not None and x.device.type in UNPADDED_DEVICES:
-            rows = Ragged.from_lengths(lengths, T, x.device)
-            packed, padded = PackedAttention(rows, rows, bias, config.is_decoder), rows.pad
-            x = rows.pack(x)  # (N, H)
+        x, packed = pack_rows(x, lengths, bias, config.is_decoder)
+        padded = packed.queries.pad if packed is not None else lambda h: h  # the layers' states as returned: (B, T, H)
 
         hidden_states, attentions, cross_attentions, presents = [x], [], [], []
         for i, layer in enumerate(self.layers):
@@ -447,16 +453,13 @@ class RobertaModel(PreTrained):
         (B, T), n = input_ids.shape, index.shape[1]
         causal = self.config.is_decoder
         bias = attention_bias(attention_mask, T, T, causal, x.dtype, x.device)  # (B|1, 1, T|1, T)
-        packed = None
         if lengths is not None:
             self.check_unpadded(attention_mask)
-            if x.device.type in UNPADDED_DEVICES and not causal:
-                rows = Ragged.from_lengths(lengths, T, x.device)
-                packed = PackedAttention(rows, rows, bias, False)
-                x = rows.pack(x)  # (N, H)
+        x, packed = pack_rows(x, None if causal else lengths, bias, False)
         for layer in self.layers[:-1]:
             x = layer(x, bias, None, None, None, None, False, packed)[0]
         if packed is not None:  # the n queries of each row, packed: (B * n, H)
+            rows = packed.keys
             queries = x.index_select(0, (index + rows.cu_seqlens[:-1, None]).reshape(-1))
             packed = PackedAttention(Ragged.from_lengths(np.full(B, n), n, x.device), rows, bias, False)
         else:

@@ -54,8 +54,8 @@ ROWS_PER_BLOCK = 1024  # rows per block from the reader to the tokenizers
 # movie reviews (about 200 tokens a row) measured with `stages.micro_batches`: CPU budget 4,096,
 # 1,024-row calls: 2.9%; GPU budget 65,536: 25.5% with 1,024-row calls, 3.0% with 16,384. (Chosen
 # while a GPU's layers computed the pads; since they skip them (model.roberta.UNPADDED_DEVICES),
-# smaller GPU calls may do as well: not measured.) Results (and shard commits) stream a call at a time. With several GPUs, a job of fewer than
-# 16,384 rows per GPU leaves some of them idle.
+# smaller GPU calls may do as well: not measured.) Results (and shard commits) stream a call at a
+# time. With several GPUs, a job of fewer than 16,384 rows per GPU leaves some of them idle.
 INFER_ROWS = {"cpu": ROWS_PER_BLOCK, "cuda": 16 * ROWS_PER_BLOCK}
 
 # The CPU inference actor's process starts with these variables (its runtime_env): the libraries
