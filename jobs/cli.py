@@ -59,7 +59,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    try:
+        storage_options = json.loads(args.storage_options)
+    except json.JSONDecodeError as e:
+        cli.error(f"--storage-options {args.storage_options!r} is not valid JSON ({e}); e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
     task_options = TaskOptions(**{k: v for k, v in vars(args).items() if k in TaskOptions.__dataclass_fields__})
     options = Options(
         task=args.task, model=args.model, text_column=args.text_column, pair_column=args.pair_column,
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,
         concurrency=args.concurrency, task_options=task_options,
     )  # fmt: skip
-    summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=json.loads(args.storage_options),
+    summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
                   address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction)  # fmt: skip
     print(json.dumps(summary.to_dict(), indent=2))
     return 0

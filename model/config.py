@@ -60,12 +60,13 @@ class RobertaConfig:
     model_type: str = "roberta"
 
     def __post_init__(self):
-        # Frozen dataclass: fill derived fields once, here, through object.__setattr__.
-        id2label = {int(k): v for k, v in self.id2label.items()}
+        # Frozen dataclass: fill derived fields once, here, through object.__setattr__. transformers
+        # 5 writes null for a label2id (or num_labels) it was not given.
+        id2label = {int(k): v for k, v in (self.id2label or {}).items()}
         num_labels = self.num_labels if self.num_labels is not None else (len(id2label) or 2)
         if not id2label or len(id2label) != num_labels:
             id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-        label2id = {str(k): int(v) for k, v in self.label2id.items()} or {v: k for k, v in id2label.items()}
+        label2id = {str(k): int(v) for k, v in (self.label2id or {}).items()} or {v: k for k, v in id2label.items()}
         object.__setattr__(self, "num_labels", num_labels)
         object.__setattr__(self, "id2label", id2label)
         object.__setattr__(self, "label2id", label2id)
@@ -106,15 +107,10 @@ class RobertaConfig:
         """Longest sequence the position table can hold (512 for roberta-base's 514 positions)."""
         return self.max_position_embeddings - self.position_offset
 
-    def replace(self, **changes) -> "RobertaConfig":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "RobertaConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
-        if "num_labels" not in values and values.get("id2label"):
-            kwargs["num_labels"] = len(values["id2label"])
         try:
             config = cls(**kwargs)
         except ConfigError as e:

@@ -60,8 +60,7 @@ CHECKPOINT_KEYS = {
 }
 # Old TensorFlow-era LayerNorm names.
 LEGACY_SUFFIXES = {"gamma": "weight", "beta": "bias"}
-# Heads and parts a class may not have: their keys are dropped when it lacks them (see docstring).
-OPTIONAL_PARTS = ("pooler.", "lm_head.", "classifier.", "cls.")
+# Keys of heads, which live outside the encoder body (a class lacking a head drops its keys: `_optional`).
 HEAD_PREFIXES = ("lm_head.", "classifier.", "cls.")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -400,7 +400,8 @@ class RobertaModel(PreTrained):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         config = self.config
         if lengths is not None:
-            self.check_unpadded(attention_mask, head_mask, encoder_hidden_states, past_key_values, use_cache, output_attentions)
+            self.check_unpadded(attention_mask, head_mask, encoder_hidden_states, past_key_values, use_cache, output_attentions,
+                                self.training)  # fmt: skip
             use_cache = False
         use_cache = (config.use_cache if use_cache is None else use_cache) and config.is_decoder
         past_length = past_key_values[0][0].shape[2] if past_key_values else 0
@@ -454,7 +455,7 @@ class RobertaModel(PreTrained):
         causal = self.config.is_decoder
         bias = attention_bias(attention_mask, T, T, causal, x.dtype, x.device)  # (B|1, 1, T|1, T)
         if lengths is not None:
-            self.check_unpadded(attention_mask)
+            self.check_unpadded(attention_mask, training=self.training)
         x, packed = pack_rows(x, None if causal else lengths, bias, False)
         for layer in self.layers[:-1]:
             x = layer(x, bias, None, None, None, None, False, packed)[0]
@@ -471,8 +472,9 @@ class RobertaModel(PreTrained):
 
     @staticmethod
     def check_unpadded(attention_mask, head_mask=None, encoder_hidden_states=None, past_key_values=None, use_cache=None,
-                       output_attentions=False):  # fmt: skip
-        """`lengths` runs the self-attention of plain right-padded rows only."""
+                       output_attentions=False, training=False):  # fmt: skip
+        """`lengths` runs the self-attention of plain right-padded rows only, for inference (its
+        packed attention has no dropout)."""
         if attention_mask is None or attention_mask.dim() != 2:
             raise ValueError("lengths needs the (B, T) attention_mask of the same right-padded rows: its fallback attention masks with it")
         unsupported = {
@@ -481,6 +483,7 @@ class RobertaModel(PreTrained):
             "past_key_values": bool(past_key_values),
             "use_cache=True": bool(use_cache),
             "output_attentions": output_attentions,
+            "training mode (attention dropout)": training,
         }
         if any(unsupported.values()):
             given = ", ".join(name for name, present in unsupported.items() if present)
@@ -497,6 +500,9 @@ class RobertaModel(PreTrained):
         return [m[None, :, None, None] for m in head_mask]
 
 
+POOLINGS = ("mean", "cls", "pooler")
+
+
 def sentence_embedding(output, attention_mask, pooling: str = "mean", normalize: bool = False) -> torch.Tensor:
     """(B, H) sentence vectors from a base-model output.
 
@@ -504,6 +510,8 @@ def sentence_embedding(output, attention_mask, pooling: str = "mean", normalize:
     "pooler" takes the pooler output (dense + tanh on the first token). normalize: L2 to unit length."""
     h = output.last_hidden_state  # (B, T, H)
     if pooling == "mean":
+        if attention_mask is None:
+            raise ValueError("pooling='mean' needs the (B, T) attention_mask: it averages the real tokens only")
         m = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
         e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
     elif pooling == "cls":
@@ -513,7 +521,7 @@ def sentence_embedding(output, attention_mask, pooling: str = "mean", normalize:
             raise ValueError("pooling='pooler' needs a model built with its pooling layer (add_pooling_layer=True)")
         e = output.pooler_output
     else:
-        raise ValueError(f"unknown pooling {pooling!r}; choose mean, cls or pooler")
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
     return F.normalize(e, p=2, dim=-1) if normalize else e
 
 
@@ -633,14 +641,15 @@ class ClassificationHead(nn.Module):
         return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
 
 
-def problem_type(config: RobertaConfig, labels: torch.Tensor) -> str:
+def problem_type(config: RobertaConfig, labels: torch.Tensor | None) -> str:
     """The reference's inference when config.problem_type is null: one label is regression,
-    integer labels are single-label, anything else multi-label."""
+    integer labels are single-label, anything else multi-label. Without labels (inference),
+    several outputs are single-label."""
     if config.problem_type is not None:
         return config.problem_type
     if config.num_labels == 1:
         return "regression"
-    if labels.dtype in (torch.long, torch.int):
+    if labels is None or labels.dtype in (torch.long, torch.int):
         return "single_label_classification"
     return "multi_label_classification"
 

@@ -35,13 +35,13 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from model.config import RobertaConfig  # no torch: tokenizer actors never import it
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 ROBERTA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
                     "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
 BERT_SPECIALS = {"bos_token": None, "eos_token": None, "unk_token": "[UNK]", "sep_token": "[SEP]",
                  "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
-# Position ids of these models start after the padding index, so pad_token_id + 1 positions are unusable.
-ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert")
 TOKENIZER_FILES = "tokenizer.json, or vocab.json + merges.txt, or vocab.txt"
 
 _PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
@@ -64,12 +64,10 @@ def _read_json(path: Path) -> dict:
 
 
 def default_max_length(model_config: dict, tokenizer_config: dict) -> int:
-    """Usable positions of the model (config.json), else a sane tokenizer_config limit, else 512."""
-    positions = model_config.get("max_position_embeddings")
-    if positions:
-        if model_config.get("model_type") in ROBERTA_FAMILY:
-            return positions - model_config.get("pad_token_id", 1) - 1  # 514 -> 512 for roberta-base
-        return positions
+    """Usable positions of the model (config.json, `RobertaConfig.max_tokens`: RoBERTa's position
+    ids start after the padding index), else a sane tokenizer_config limit, else 512."""
+    if model_config.get("max_position_embeddings"):
+        return RobertaConfig.from_dict(model_config).max_tokens  # 514 -> 512 for roberta-base
     limit = tokenizer_config.get("model_max_length")
     # Tokenizers without a limit store int(1e30) here: that is "unknown", not a usable length.
     if isinstance(limit, (int, float)) and 0 < limit < 1e6:

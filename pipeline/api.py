@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
-from pipeline.runner import DEFAULT_ID, Options, build, check_schema, init_ray, job_columns
-from pipeline.tasks import TaskOptions, make_task
+from pipeline.runner import DEFAULT_ID, Options, build, check_job, check_schema, init_ray, job_columns
+from pipeline.tasks import TaskOptions
 from pipeline.tokenize import InputError
 
 
@@ -31,12 +31,14 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
     options = Options(task=task, model=str(model), text_column=text_column, id_column=id_column,
                       keep_columns=tuple(keep_columns), task_options=task_options,
                       **{k: v for k, v in settings.items() if k not in task_fields})  # fmt: skip
-    make_task(task, options.model, task_options).check()
+    check_job(options)
+    init_ray(device=options.device)
     ds = as_dataset(data)
     schema = ds.schema().base_schema
     if not isinstance(schema, pa.Schema):  # a dataset of pandas blocks: look at one row as Arrow
         schema = ds.take_batch(1, batch_format="pyarrow").schema
-    if check_schema(schema, options, "dataset"):
+    derive_id = check_schema(schema, options, "dataset")
+    if derive_id:  # a dataset has no file path and row position to derive one from
         raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
     return build(ds.select_columns(job_columns(options)), options)
 

@@ -43,7 +43,7 @@ from pipeline import shards, storage
 from pipeline.stages import Infer
 from pipeline.tokenize import InputError, Tokenize, is_text
 from pipeline.storage import Shard
-from pipeline.tasks import TaskOptions, make_task
+from pipeline.tasks import Task, TaskError, TaskOptions, make_task
 
 DEFAULT_ID = "id"
 PATH = "path"  # Ray Data's column naming each row's input file (include_paths)
@@ -151,7 +151,7 @@ class Summary:
     truncated_rows: int
     empty_texts: int
     failed_rows: int  # rows with an `error` (their task columns are null)
-    duplicate_ids: int  # rows whose id another row of the output also has
+    duplicate_ids: int  # rows beyond the first with their id, over the whole output
     shards: int
     shards_run: int  # new, changed or unfinished shards processed by this run
     shards_reused: int  # finished by an earlier run and left as they were
@@ -167,9 +167,11 @@ class Summary:
         return asdict(self)
 
 
-def init_ray(address: str | None = None) -> float:
+def init_ray(address: str | None = None, device: str = "auto") -> float:
     """Connect to RAY_ADDRESS / --address, or start an embedded local Ray sized to this machine.
-    Returns the seconds it took (reported apart from the job's own time)."""
+    Returns the seconds it took (reported apart from the job's own time).
+    device "cuda" on an embedded Ray without a GPU is an error: the inference actors would wait
+    for one forever. A cluster is not checked: its autoscaler may add GPU nodes on demand."""
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
@@ -178,6 +180,9 @@ def init_ray(address: str | None = None) -> float:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        if device == "cuda" and not ray.cluster_resources().get("GPU"):
+            raise RuntimeError("--device cuda, but this machine has no GPU that Ray sees (the embedded local Ray started "
+                               "without one); use --device auto or cpu, or --address of a cluster with GPU nodes")  # fmt: skip
     return time.perf_counter() - start
 
 
@@ -191,7 +196,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = options.concurrency or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)
     # With --stride the score task windows long documents itself: tokenize them whole.
-    max_length = NO_TRUNCATION if options.task_options.stride else options.max_length
+    max_length = NO_TRUNCATION if options.task_options.stride is not None else options.max_length
     # Blocks of at most ROWS_PER_BLOCK rows (a read task may concatenate whole files into one):
     # they spread over the tokenizer actors and stream; Infer takes INFER_ROWS of them at a time.
     ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
@@ -216,10 +221,23 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
     )
 
 
-def empty_text_tokens(options: Options) -> int:
-    """How many tokens an empty text (or pair of empty texts) becomes: just the special tokens."""
+def check_job(options: Options) -> tuple[Task, int]:
+    """What can be wrong with a job before any data moves, checked on the driver (in an actor it
+    would surface only as a failed job): the task against the checkpoint and its options, the
+    tokenizer's files, --max-length against the model's positions. Returns the task and how many
+    tokens an empty text (or pair of empty texts) becomes: its special tokens."""
+    task = make_task(options.task, options.model, options.task_options)
+    config = task.check()
     tokenizer = RobertaTokenizer.from_pretrained(options.model)
-    return len(tokenizer.encode_batch([""], [""] if options.pair_column else None)[0])
+    specials = len(tokenizer.encode_batch([""], [""] if options.pair_column else None)[0])
+    if options.max_length is not None:
+        if options.task_options.stride is not None:
+            raise TaskError("--max-length and --stride exclude each other: with --stride, score reads whole documents "
+                            "in windows of the model's length")  # fmt: skip
+        if not specials < options.max_length <= config.max_tokens:
+            raise TaskError(f"--max-length {options.max_length}: must be more than the {specials} special tokens and at "
+                            f"most the {config.max_tokens} positions of {options.model}")  # fmt: skip
+    return task, specials
 
 
 def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
@@ -300,8 +318,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     """Run one job, Parquet in, Parquet out, exactly once per input row (see pipeline/shards.py):
     shards finished by an earlier run with the same model and settings are reused, the rest run.
     A run that fails any number of rows above `max_failed_fraction` stops with an error."""
-    task = make_task(options.task, options.model, options.task_options)
-    task.check()
+    task, specials = check_job(options)
     fs, inputs = storage.parquet_files(input, storage_options)
     out = shards.Output(output, storage_options)
     out.check_ours(overwrite)
@@ -326,17 +343,18 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         start = time.perf_counter()
         ray_start, method = 0.0, getattr(task, "method", None)
         if any(m.num_rows for m in footers.values()):
-            ray_start = init_ray(address)
+            ray_start = init_ray(address, options.device)
             start = time.perf_counter()
         try:
-            new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction)
+            new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction,
+                             specials)  # fmt: skip
             out.drop_staging()
             wall = time.perf_counter() - start
             finished.update({m["key"]: m for m in new})
             current = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
             totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
-            if new:
-                totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column)
+            if current:
+                totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, new)
             check_failures(totals.get("failed_rows", 0), totals.get("rows", 0), max_failed_fraction, final=True)
             tokens_run = sum(m["counts"]["tokens"] for m in new)
             summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
@@ -362,10 +380,10 @@ def is_finished(shard: Shard, marker: dict | None) -> bool:
 
 
 def run_shards(fs, footers: dict[Shard, pq.FileMetaData], out: shards.Output, options: Options, marker: dict,
-               lease: shards.Lease, storage_options: dict | None, max_failed_fraction: float) -> list[dict]:  # fmt: skip
+               lease: shards.Lease, storage_options: dict | None, max_failed_fraction: float, specials: int) -> list[dict]:  # fmt: skip
     """Stream the shards through the pipeline and commit each as soon as all its rows are written.
-    Commits run on driver threads (I/O bound) while inference goes on. Returns the new markers."""
-    specials = empty_text_tokens(options)
+    Commits run on driver threads (I/O bound) while inference goes on. Returns the new markers.
+    specials: the tokens of an empty text (`check_job`), to count empty texts."""
     by_key = {shards.shard_key(s.path): s for s in footers}
     expected = {k: footers[s].num_rows for k, s in by_key.items()}
     commit = partial(out.commit, marker=marker, id_column=options.id_column, special_tokens=specials)
@@ -417,9 +435,19 @@ def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, 
     return ds
 
 
-def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str) -> int:
-    """Rows whose id another row also has, over the whole output. Reads the id column only
-    (about 8 bytes per row for integer ids); within-shard counts are in each marker."""
+def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, new: list[dict]) -> int:
+    """Rows beyond the first with their id, over the whole output of `markers` (within-shard counts
+    are in each marker). It reads the id column of every result file (about 8 bytes per row for
+    integer ids), so a run that committed nothing `new` takes the count from the last summary
+    when that covered the same shards and rows: a rerun with nothing to do stays fast."""
+    if not new:
+        try:
+            last = json.loads(out.fs.cat_file(out.join(storage.SUMMARY_FILE)))
+        except FileNotFoundError:
+            last = None
+        rows = sum(m["counts"]["rows"] for m in markers)
+        if last and (last["shards_run"] + last["shards_reused"], last["rows"]) == (len(markers), rows):
+            return last["duplicate_ids"]
     files = [out.join(m["output"]) for m in markers if m["output"]]
     if not files:
         return 0

@@ -159,17 +159,22 @@ class Output:
             if self.local:
                 os.makedirs(posixpath.dirname(target), exist_ok=True)
             writer = None
-            for piece in pieces:
-                table = pq.read_table(piece, filesystem=self.arrow_fs)
-                writer = writer or pq.ParquetWriter(target, table.schema, filesystem=self.arrow_fs)
-                writer.write_table(table)
-                counts["rows"] += table.num_rows
-                counts["tokens"] += pc.sum(table["input_tokens"]).as_py() or 0
-                counts["truncated_rows"] += pc.sum(table["truncated"]).as_py() or 0
-                counts["empty_texts"] += pc.sum(pc.less_equal(table["input_tokens"], special_tokens)).as_py() or 0
-                counts["failed_rows"] += failed_rows(table)
-                ids.append(table[id_column])
-            writer.close()
+            try:
+                for piece in pieces:
+                    table = pq.read_table(piece, filesystem=self.arrow_fs)
+                    writer = writer or pq.ParquetWriter(target, table.schema, filesystem=self.arrow_fs)
+                    writer.write_table(table)
+                    counts["rows"] += table.num_rows
+                    counts["tokens"] += pc.sum(table["input_tokens"]).as_py() or 0
+                    counts["truncated_rows"] += pc.sum(table["truncated"]).as_py() or 0
+                    # A failed row was tokenized as an empty text: it counts as failed, not as empty.
+                    empty = pc.and_(pc.less_equal(table["input_tokens"], special_tokens), pc.is_null(table["error"]))
+                    counts["empty_texts"] += pc.sum(empty).as_py() or 0
+                    counts["failed_rows"] += failed_rows(table)
+                    ids.append(table[id_column])
+            finally:  # also on an error: an open writer holds a file handle (on S3, an upload)
+                if writer is not None:
+                    writer.close()
         counts["duplicate_ids"] = counts["rows"] - (pc.count_distinct(pa.chunked_array(ids)).as_py() if ids else 0)
         marker = {**marker, "key": shard_key(shard.path), "input": shard.path, "size": shard.size,
                   "version": shard.version, "output": name if pieces else None, "counts": counts,

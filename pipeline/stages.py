@@ -113,6 +113,7 @@ class Infer:
             # gets every core this process may use: one CPU inference actor per node.
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.task: Task = make_task(task, model_dir, options)
+        self.task.check()
         self.model = self.task.load(dtype, self.device)
         # On the CPU, oneDNN matmuls with the bias and GELU fused: model stage +9% (model/cpu_fusion.py;
         # it leaves a GPU model alone).
@@ -155,7 +156,10 @@ class Infer:
         try:
             with sdpa_kernel(ATTENTION_BACKENDS):
                 outputs = self.task.run(self.model, ids, mask, lengths, self.budget)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
+            if len(rows) == 1 and not self.task.splits_rows:
+                raise torch.OutOfMemoryError(f"one row of {int(lengths[0])} tokens does not fit in this GPU's memory even "
+                                             "alone; lower --max-length, or use a GPU with more memory") from e  # fmt: skip
             if self.budget // 2 < MIN_BUDGET:
                 raise
         else:

@@ -18,11 +18,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model import RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
-from model.roberta import sentence_embedding, to_device
+from model import RobertaConfig, RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
+from model.roberta import POOLINGS, problem_type, sentence_embedding, to_device
 
 
-HEAP_REUSE_LIMIT = 32 * 2**20  # bytes: glibc malloc reuses freed blocks up to this size; larger ones are fresh mmaps
+# bytes of (chunk, V) float32 logits at once in score's LM head. Chosen on glibc's malloc, which
+# reuses freed blocks up to 32 MiB and maps larger ones fresh (their pages fault in at every
+# chunk); the CPU inference actor now runs on jemalloc (pipeline/runner.py), and neither there nor
+# on a GPU (about 166 positions a chunk for a 50k vocabulary) has another size been measured.
+HEAP_REUSE_LIMIT = 32 * 2**20
 
 
 class TaskError(ValueError):
@@ -43,10 +47,15 @@ class TaskOptions:
 
 
 def checkpoint_heads(model_dir: str | Path) -> set[str]:
-    """Which heads a checkpoint carries, from config.json's `architectures` (transformers writes it)."""
+    """Which heads of a checkpoint this package runs, from config.json's `architectures`
+    (transformers writes it). BERT checkpoints run through the base model only (their heads'
+    layout differs; model/loading.py refuses them)."""
+    RobertaConfig.from_pretrained(model_dir)  # a missing or invalid config.json: its clear error
     config = json.loads((Path(model_dir) / "config.json").read_text())
     names = " ".join(config.get("architectures") or [])
     heads = {"base"}
+    if config.get("model_type") == "bert":
+        return heads
     if "ForSequenceClassification" in names:
         heads.add("classifier")
     if "ForMaskedLM" in names:
@@ -59,11 +68,16 @@ def checkpoint_heads(model_dir: str | Path) -> set[str]:
 class Task:
     name: str
     needs: tuple[str, ...]  # any one of these heads will do
+    # Whether `run` cuts one row's work by the budget (score's windows and masked copies): only then
+    # can a smaller budget make a single row fit after a CUDA out-of-memory.
+    splits_rows: bool = False
 
     def __init__(self, model_dir: str, options: TaskOptions):
         self.model_dir, self.options = model_dir, options
 
-    def check(self) -> None:
+    def check(self) -> RobertaConfig:
+        """Before any data moves (on the driver, and again where the model loads): the checkpoint
+        has a head this task runs and the options fit it. Returns the checkpoint's config."""
         heads = checkpoint_heads(self.model_dir)
         if not heads & set(self.needs):
             usable = sorted(t.name for t in TASKS.values() if heads & set(t.needs))
@@ -72,6 +86,13 @@ class Task:
                 f"{self.model_dir} has {sorted(heads - {'base'}) or 'only the base model'}. "
                 f"Tasks this checkpoint supports: {usable}."
             )
+        config = RobertaConfig.from_pretrained(self.model_dir)
+        self.check_options(config)
+        return config
+
+    def check_options(self, config: RobertaConfig) -> None:
+        if self.options.stride is not None:
+            raise TaskError(f"--stride is an option of the score task, not of {self.name!r}; leave it out")
 
     def load(self, dtype, device) -> torch.nn.Module:
         raise NotImplementedError
@@ -93,20 +114,18 @@ class Task:
 
 class Classify(Task):
     """Columns: label, label_id, score, probs (single-label); labels, probs (multi-label, by
-    threshold); score (regression, num_labels == 1); logits on request."""
+    threshold); score (regression: float32 for one output, a fixed-size list for several); logits
+    on request. The kind is config.json's problem_type, else regression for one output and
+    single-label for several (`model.roberta.problem_type`, the loss's rule)."""
 
     name, needs = "classify", ("classifier",)
 
     def load(self, dtype, device):
         model = RobertaForSequenceClassification.from_pretrained(self.model_dir, dtype=dtype, device=device)
-        config = model.config
-        if config.num_labels == 1 or config.problem_type == "regression":
-            self.kind = "regression"
-        elif config.problem_type == "multi_label_classification":
-            self.kind = "multi_label"
-        else:
-            self.kind = "single_label"
-        self.id2label = config.id2label
+        # The loss's rule, without labels to look at: an explicit problem_type wins, else one
+        # output is regression and several are single-label.
+        self.kind = problem_type(model.config, labels=None)
+        self.id2label = model.config.id2label
         return model
 
     def run(self, model, ids, mask, lengths, budget):
@@ -116,12 +135,13 @@ class Classify(Task):
     def columns(self, outputs):
         logits = outputs["logits"]
         cols = {}
-        if self.kind == "regression":
-            cols["score"] = pa.array(logits[:, 0], pa.float32())
+        if self.kind == "regression":  # one output: a number; several: a vector
+            cols["score"] = pa.array(logits[:, 0], pa.float32()) if logits.shape[1] == 1 else fixed_list(logits)
         else:
             t = torch.from_numpy(logits)
-            probs = (torch.sigmoid(t) if self.kind == "multi_label" else torch.softmax(t, -1)).numpy()
-            if self.kind == "multi_label":
+            multi_label = self.kind == "multi_label_classification"
+            probs = (torch.sigmoid(t) if multi_label else torch.softmax(t, -1)).numpy()
+            if multi_label:
                 cols["labels"] = pa.array([[self.id2label[j] for j in np.flatnonzero(p >= self.options.threshold)] for p in probs], pa.list_(pa.string()))
             else:
                 label_id = probs.argmax(-1)
@@ -138,6 +158,14 @@ class Embed(Task):
     """Column embedding: fixed-size list of float32 (or float16), pooled mean/cls/pooler."""
 
     name, needs = "embed", ("base",)
+    EMBEDDING_DTYPES = ("float32", "float16")
+
+    def check_options(self, config):
+        super().check_options(config)
+        if self.options.pooling not in POOLINGS:
+            raise TaskError(f"pooling {self.options.pooling!r}: choose one of {POOLINGS}")
+        if self.options.embedding_dtype not in self.EMBEDDING_DTYPES:
+            raise TaskError(f"embedding_dtype {self.options.embedding_dtype!r}: choose one of {self.EMBEDDING_DTYPES}")
 
     def load(self, dtype, device):
         pooler = self.options.pooling == "pooler"
@@ -157,6 +185,11 @@ class FillMask(Task):
 
     name, needs = "fill-mask", ("masked_lm",)
     PREDICTION = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("probability", pa.float32())])
+
+    def check_options(self, config):
+        super().check_options(config)
+        if self.options.top_k < 1:
+            raise TaskError(f"--top-k {self.options.top_k}: must be at least 1")
 
     def load(self, dtype, device):
         self.tokenizer = RobertaTokenizer.from_pretrained(self.model_dir)
@@ -196,10 +229,21 @@ class Score(Task):
     scored positions only."""
 
     name, needs = "score", ("causal_lm", "masked_lm")
+    splits_rows = True
 
     def __init__(self, model_dir, options):
         super().__init__(model_dir, options)
         self.method = "causal" if "causal_lm" in checkpoint_heads(model_dir) else "pseudo"
+
+    def check_options(self, config):
+        stride, window = self.options.stride, config.max_tokens
+        if stride is not None and not 0 < stride < window:
+            raise TaskError(f"--stride {stride}: must be between 1 and the window ({window} tokens) minus 1")
+        if self.method == "causal" and not config.is_decoder:
+            # Its attention would see the tokens it scores: log-likelihoods near 0, silently wrong.
+            raise TaskError(f"{self.model_dir}/config.json names a causal LM but has is_decoder false, so its attention "
+                            "is bidirectional and would see every token it scores; set is_decoder to true if the "
+                            "model was trained left to right")  # fmt: skip
 
     def load(self, dtype, device):
         if self.method == "pseudo":
@@ -207,8 +251,6 @@ class Score(Task):
         cls = RobertaForCausalLM if self.method == "causal" else RobertaForMaskedLM
         model = cls.from_pretrained(self.model_dir, dtype=dtype, device=device)
         self.window = model.config.max_tokens
-        if self.options.stride is not None and not 0 < self.options.stride < self.window:
-            raise TaskError(f"--stride {self.options.stride}: must be between 1 and the window ({self.window} tokens) minus 1")
         return model
 
     def cost(self, length):
@@ -267,7 +309,7 @@ class Score(Task):
 
     def token_log_probs(self, model, hidden, targets):
         """hidden (N, H), targets (N,) -> log p(target) (N,) float32, in chunks of positions whose
-        (chunk, V) float32 logits stay within glibc's heap-reuse limit (HEAP_REUSE_LIMIT)."""
+        (chunk, V) float32 logits stay within HEAP_REUSE_LIMIT."""
         chunk = max(1, HEAP_REUSE_LIMIT // (4 * model.config.vocab_size))
         out = []
         for i in range(0, len(targets), chunk):

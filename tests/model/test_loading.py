@@ -165,6 +165,17 @@ def test_config_round_trip_and_labels():
         ours.RobertaConfig(hidden_act="swiglu")
 
 
+@pytest.mark.parametrize("labels", [dict(id2label={0: "toxic"}), dict(id2label={0: "neg", 1: "pos"}), dict(num_labels=3), {}])
+def test_labels_as_transformers_writes_and_reads_them(tmp_path, labels):
+    """transformers 5 writes null for the label2id and num_labels it was not given (and reads such a
+    label2id back as None); ours is then id2label's inverse."""
+    transformers.RobertaConfig(**TINY, **labels).save_pretrained(tmp_path)
+    theirs = transformers.RobertaConfig.from_pretrained(tmp_path)
+    mine = ours.RobertaConfig.from_pretrained(tmp_path)
+    assert (mine.num_labels, mine.id2label) == (theirs.num_labels, theirs.id2label)
+    assert mine.label2id == {name: i for i, name in theirs.id2label.items()}
+
+
 # ----------------------------------------------------------------------------- real weights
 def test_minilm_real_weights_match_reference_and_sentence_transformers(minilm_dir, layers):
     """all-MiniLM-L6-v2 (BERT architecture, real published weights) through our classes, given the

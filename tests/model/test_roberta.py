@@ -284,6 +284,17 @@ def test_lengths_refuse_what_packed_rows_cannot_give(tmp_path, unsupported):
         mine(ids, mask, lengths=LENGTHS, **unsupported)
 
 
+def test_lengths_are_for_inference(tmp_path):
+    """Packed attention has no dropout: a model in training mode is refused rather than trained without it."""
+    _, mine = load_pair(tmp_path, "RobertaModel")
+    ids, mask, _ = padded_batch(LENGTHS)
+    mine.train()
+    with pytest.raises(ValueError, match=r"does not combine with training mode \(attention dropout\)"):
+        mine(ids, mask, lengths=LENGTHS)
+    with pytest.raises(ValueError, match="training mode"):
+        mine.hidden_at(ids, mask, torch.zeros(len(ids), 1, dtype=torch.long), LENGTHS)
+
+
 def test_lengths_need_the_attention_mask_they_describe(tmp_path):
     _, mine = load_pair(tmp_path, "RobertaModel")
     ids, mask, _ = padded_batch(LENGTHS)

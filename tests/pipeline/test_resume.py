@@ -134,8 +134,14 @@ def test_messy_rows_are_processed_counted_or_failed_alone(ray_session, classify,
         run(str(inp), str(tmp_path / "strict"), classify)
 
     summary = run(str(inp), str(tmp_path / "out"), classify, max_failed_fraction=0.2)
+    # The failed row (tokenized as an empty text) is not also an empty text; whitespace is a token.
     assert (summary.rows, summary.failed_rows, summary.duplicate_ids, summary.truncated_rows) == (8, 1, 1, 1)
+    assert summary.empty_texts == 0
     assert summary.shards == summary.shards_run == 3
+    rerun = run(str(inp), str(tmp_path / "out"), classify, max_failed_fraction=0.2)  # nothing new: the same counts
+    assert rerun.shards_run == 0 and (rerun.rows, rerun.duplicate_ids, rerun.empty_texts) == (8, 1, 0)
+    (tmp_path / "out" / "_summary.json").unlink()  # without the last summary, counted from the files
+    assert run(str(inp), str(tmp_path / "out"), classify, max_failed_fraction=0.2).duplicate_ids == 1
     (messy,) = (tmp_path / "out").glob("messy-*.parquet")  # the result file of messy.parquet
     table = read(messy)
     errors = table["error"].to_pylist()

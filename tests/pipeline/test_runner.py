@@ -191,6 +191,38 @@ def test_task_the_checkpoint_cannot_run(checkpoints, shards, tmp_path):
         run(str(shards), str(tmp_path / "out"), Options(task="fill-mask", model=str(checkpoints["classifier"])))
 
 
+def test_settings_are_checked_before_any_data_moves(checkpoints, shards, tmp_path):
+    """Refused on the driver with what to do, before Ray starts or the output is touched."""
+    lm = str(checkpoints["causal_lm"])
+    cases = [
+        (Options(task="classify", model=str(checkpoints["classifier"]), max_length=129), r"--max-length 129: must be .* at most the 128 positions"),
+        (Options(task="classify", model=str(checkpoints["classifier"]), max_length=2), r"more than the 2 special tokens"),
+        (Options(task="score", model=lm, max_length=64, task_options=TaskOptions(stride=32)), "--max-length and --stride exclude each other"),
+        (Options(task="classify", model=str(checkpoints["classifier"]), task_options=TaskOptions(stride=32)), "--stride is an option of the score task"),
+    ]  # fmt: skip
+    for options, error in cases:
+        with pytest.raises(TaskError, match=error):
+            run(str(shards), str(tmp_path / "out"), options)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((checkpoints["classifier"] / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        run(str(shards), str(tmp_path / "out"), Options(task="classify", model=str(no_tokenizer)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cuda_without_a_gpu_is_an_error_not_a_wait(tmp_path):
+    """An embedded Ray without a GPU would leave the inference actors waiting for one forever."""
+    import subprocess
+    import sys
+
+    code = "from pipeline.runner import init_ray; init_ray(device='cuda')"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode != 0 and "--device cuda, but this machine has no GPU that Ray sees" in result.stderr, result.stderr[-2000:]
+
+
 def test_output_holding_results_needs_overwrite(ray_session, classify, shards, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.parquet").write_bytes(b"earlier results")
@@ -199,6 +231,14 @@ def test_output_holding_results_needs_overwrite(ray_session, classify, shards, t
     assert (tmp_path / "out" / "old.parquet").read_bytes() == b"earlier results"  # nothing lost
     run(str(shards), str(tmp_path / "out"), classify, overwrite=True)
     assert not (tmp_path / "out" / "old.parquet").exists()
+
+
+def test_cli_names_a_bad_storage_options_flag(capsys):
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["embed", "--model", "m", "--input", "in", "--output", "out", "--storage-options", "{endpoint_url: x}"])
+    assert "--storage-options '{endpoint_url: x}' is not valid JSON" in capsys.readouterr().err
 
 
 def test_cli_runs_the_same_job(ray_session, checkpoints, shards, tmp_path, capsys):

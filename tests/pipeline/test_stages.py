@@ -1,6 +1,8 @@
 """The inference stage on plain Arrow tables, no Ray: packing, and every task against transformers,
 whatever the micro-batch composition or row order, with padded and with unpadded layers (`layers`)."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -98,6 +100,23 @@ def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, mo
                                reference.classify(checkpoints["classifier"], texts), atol=ATOL)  # fmt: skip
 
 
+def test_out_of_memory_on_one_row_says_so_at_once(checkpoints, monkeypatch):
+    """One row that does not fit alone: classify cannot cut it smaller, so no halving and retrying
+    down to the minimum budget, but an error naming the row's length and what to do."""
+    tokens = Tokenize(str(checkpoints["classifier"]))(table(["a review that does not fit"]))
+    infer = Infer(str(checkpoints["classifier"]), "classify", batch_tokens=2048, device="cpu")
+    calls = []
+
+    def no_memory(model, ids, mask, lengths, budget):
+        calls.append(ids.shape)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(infer.task, "run", no_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r"one row of \d+ tokens does not fit .* lower --max-length"):
+        infer(tokens)
+    assert len(calls) == 1 and infer.budget == 2048
+
+
 def test_bfloat16_keeps_labels_and_logits_near_transformers(checkpoints, reviews):
     """bfloat16 on CPU against transformers in float32 on 200 real reviews: logits within 3% of the
     largest reference logit (measured: 1.1%), and the same label wherever the reference's top two
@@ -130,6 +149,27 @@ def test_classify_multi_label_and_regression(checkpoints, texts):
     out = run_infer(checkpoints["regression"], "classify", texts, budget=200)
     np.testing.assert_allclose(out["score"].to_numpy(), reference.classify(checkpoints["regression"], texts)[:, 0], atol=ATOL)
     assert "label" not in out.column_names
+
+
+def test_classify_kind_follows_an_explicit_problem_type(bpe_dir, texts, tmp_path):
+    """config.json's problem_type wins over the number of outputs, as in the loss: one sigmoid
+    output is a binary multi-label classifier, and a regression may have several outputs."""
+    from tests.checkpoints import checkpoint
+
+    binary = checkpoint(tmp_path / "binary", bpe_dir, "RobertaForSequenceClassification", num_labels=1,
+                        problem_type="multi_label_classification", id2label={0: "toxic"})  # fmt: skip
+    probs = 1 / (1 + np.exp(-reference.classify(binary, texts)[:, 0]))
+    ranked = np.sort(probs)  # a threshold in the widest gap of the middle half: both outcomes occur, no near-tie
+    gap = len(ranked) // 4 + int(np.diff(ranked[len(ranked) // 4 : 3 * len(ranked) // 4]).argmax())
+    threshold = float(ranked[gap : gap + 2].mean())
+    out = run_infer(binary, "classify", texts, threshold=threshold)
+    assert out["labels"].to_pylist() == [["toxic"] if p >= threshold else [] for p in probs]
+    np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False))[:, 0], probs, atol=ATOL)
+
+    vector = checkpoint(tmp_path / "vector", bpe_dir, "RobertaForSequenceClassification", num_labels=2, problem_type="regression")
+    out = run_infer(vector, "classify", texts)
+    assert out.schema.field("score").type == pa.list_(pa.float32(), 2)
+    np.testing.assert_allclose(np.stack(out["score"].to_numpy(zero_copy_only=False)), reference.classify(vector, texts), atol=ATOL)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -183,11 +223,44 @@ def test_score_pseudo_log_likelihood(checkpoints, texts, layers):
     assert np.isnan(out["perplexity"].to_numpy()[6])  # empty text: nothing to score
 
 
-def test_task_needs_the_right_head(checkpoints):
+def test_task_needs_the_right_head(checkpoints, tmp_path):
     with pytest.raises(TaskError, match=r"task 'fill-mask' needs .*masked_lm.*Tasks this checkpoint supports: \['classify', 'embed'\]"):
         make_task("fill-mask", str(checkpoints["classifier"])).check()
     with pytest.raises(TaskError, match="unknown task 'translate'"):
         make_task("translate", str(checkpoints["classifier"]))
+    bert = tmp_path / "bert"  # a BERT head checkpoint: only its base model runs (model/loading.py)
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    with pytest.raises(TaskError, match=r"task 'score' needs .* has only the base model. Tasks this checkpoint supports: \['embed'\]"):
+        make_task("score", str(bert)).check()
+    with pytest.raises(FileNotFoundError, match="needs config.json"):
+        make_task("embed", str(tmp_path)).check()
+
+
+@pytest.mark.parametrize("task, model, options, error", [
+    ("classify", "classifier", dict(stride=64), "--stride is an option of the score task, not of 'classify'"),
+    ("score", "causal_lm", dict(stride=0), r"--stride 0: must be between 1 and the window \(128 tokens\)"),
+    ("score", "masked_lm", dict(stride=128), r"--stride 128: must be between 1"),
+    ("embed", "base", dict(pooling="max"), r"pooling 'max': choose one of \('mean', 'cls', 'pooler'\)"),
+    ("embed", "base", dict(embedding_dtype="bfloat16"), "embedding_dtype 'bfloat16': choose one of"),
+    ("fill-mask", "masked_lm", dict(top_k=0), "--top-k 0: must be at least 1"),
+])  # fmt: skip
+def test_task_options_are_checked_before_any_model_loads(checkpoints, task, model, options, error):
+    with pytest.raises(TaskError, match=error):
+        make_task(task, str(checkpoints[model]), TaskOptions(**options)).check()
+
+
+def test_scoring_a_causal_lm_needs_its_causal_attention(checkpoints, tmp_path):
+    """A RobertaForCausalLM saved with is_decoder false attends both ways: every token would see the
+    one it is scored on. Refused, rather than log-likelihoods near 0."""
+    import shutil
+
+    shutil.copytree(checkpoints["causal_lm"], tmp_path / "lm")
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert config["is_decoder"] and "RobertaForCausalLM" in config["architectures"]
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({**config, "is_decoder": False}))
+    with pytest.raises(TaskError, match="names a causal LM but has is_decoder false"):
+        make_task("score", str(tmp_path / "lm")).check()
 
 
 def test_stages_need_no_network(checkpoints):
