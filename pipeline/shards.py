@@ -105,7 +105,7 @@ class Output:
     def check_ours(self, overwrite: bool) -> None:
         """Refuse to write into a location holding anything but results of this pipeline."""
         entries = self.entries()
-        foreign = [e for e in entries if e not in OWN_ENTRIES]
+        foreign = [e for e in entries if e not in OWN_ENTRIES and not e.startswith(LOCK)]  # also a lease's aside copy
         if foreign and MANIFEST not in entries and not overwrite:
             raise FileExistsError(f"output {self.uri} already holds results ({len(foreign)} entries, e.g. {foreign[0]!r}) "
                                   "that this pipeline did not write; choose a new --output or pass --overwrite to replace them")  # fmt: skip
@@ -230,9 +230,16 @@ class Lease:
     def create(self) -> bool:
         try:
             if self.output.local:
+                # Written aside, then linked into place: the lease appears whole and only if absent
+                # (opened with O_EXCL and then written, a reader could find it empty and take it as stale).
                 self.output.fs.makedirs(self.output.path, exist_ok=True)
-                with open(self.path, "xb") as f:
+                aside = f"{self.path}.{self.run}.tmp"
+                with open(aside, "wb") as f:
                     f.write(self.body())
+                try:
+                    os.link(aside, self.path)
+                finally:
+                    os.unlink(aside)
             else:
                 self.output.fs.pipe_file(self.path, self.body(), mode="create")
             return True
@@ -245,7 +252,7 @@ class Lease:
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
-            return {}  # caught mid-write by its creator: treated as expired
+            return {}  # damaged (its creator never leaves it half-written): treated as expired
 
     def stale(self, lease: dict) -> bool:
         if lease.get("expires", 0) < time.time():

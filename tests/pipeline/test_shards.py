@@ -94,6 +94,7 @@ def test_lease_refuses_a_second_job_and_is_released(tmp_path):
         assert held["run"] == first.run and held["pid"] == os.getpid()
         with pytest.raises(shards.OutputLocked, match=rf"is being written by run {first.run} .*pid {os.getpid()}.*wait for it"):
             shards.Lease(out).__enter__()
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["_lock.json"]  # written aside, linked whole, aside removed
         first.check()  # still ours
     assert not (tmp_path / "out" / "_lock.json").exists()
 
