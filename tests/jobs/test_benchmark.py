@@ -3,6 +3,7 @@ rayberta agrees with transformers, and the figures the README quotes are compute
 FLOPs/token formula against torch's FLOP counter. No timing is asserted (that is the benchmark's
 own output, not a test's)."""
 
+import json
 import os
 import shutil
 
@@ -50,6 +51,18 @@ def test_repeated_rounds_report_each_runs_median_round(workdir):
         assert results[name]["quality"]["label_agreement"] == 1
         assert results[name]["tokens"] == results["transformers_usual"]["tokens"]
     assert results["rayberta_model_stage_unpadded_layers"]["padding"] == 0
+
+
+def test_the_cli_runs_it(workdir, capsys):
+    """`rayberta benchmark` is `python -m jobs.benchmark`: the same flags, results printed and written."""
+    from jobs.cli import main
+
+    flags = ["--task", "classify", "--rows", "6", "--max-length", "32", "--skip-e2e", "--workdir", str(workdir),
+             "--json", str(workdir / "results.json")]  # fmt: skip
+    assert main(["benchmark", *flags]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((workdir / "results.json").read_text())
+    assert (printed["task"], printed["rows"]) == ("classify", 6) and printed["rayberta_model_stage"]["tokens_per_s"] > 0
 
 
 def test_embed_quality_labels_rows_with_a_sentiment_probe_fit_on_the_reference():
