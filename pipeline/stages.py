@@ -143,10 +143,12 @@ class Infer:
             batch = batch.append_column(name, array)
         return batch
 
-    def run_rows(self, values: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
+    def run_rows(self, values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, retried: bool = False):
         """Yields (rows, outputs) per micro-batch: `rows` over the budget are cut by `micro_batches`
         first. A CUDA out-of-memory halves the budget, for the rest of this actor's life, and runs
-        the same rows again, cut smaller."""
+        the same rows again, cut smaller. A single row that the task cannot cut (`splits_rows`) is
+        run once more with the budget as it was (after freeing the cached memory: the first failure
+        may have been fragmentation), then it is an error naming its length."""
         lengths = offsets[rows + 1] - offsets[rows]
         if len(rows) > 1 and len(rows) * self.task.cost(int(lengths.max())) > self.budget:
             for part in micro_batches(lengths, self.budget, self.task.cost):
@@ -157,10 +159,12 @@ class Infer:
             with sdpa_kernel(ATTENTION_BACKENDS):
                 outputs = self.task.run(self.model, ids, mask, lengths, self.budget)
         except torch.OutOfMemoryError as e:
-            if len(rows) == 1 and not self.task.splits_rows:
+            alone = len(rows) == 1 and not self.task.splits_rows
+            if alone and retried:
                 raise torch.OutOfMemoryError(f"one row of {int(lengths[0])} tokens does not fit in this GPU's memory even "
-                                             "alone; lower --max-length, or use a GPU with more memory") from e  # fmt: skip
-            if self.budget // 2 < MIN_BUDGET:
+                                             "alone; lower --max-length (max_length= in the Python API), or use a GPU "
+                                             "with more memory") from e  # fmt: skip
+            if not alone and self.budget // 2 < MIN_BUDGET:
                 raise
         else:
             yield rows, outputs
@@ -168,5 +172,6 @@ class Infer:
         # Retried outside the except block: its traceback would keep the failed batch's tensors alive.
         del ids, mask
         torch.cuda.empty_cache()
-        self.budget //= 2
-        yield from self.run_rows(values, offsets, rows)
+        if not alone:
+            self.budget //= 2
+        yield from self.run_rows(values, offsets, rows, retried=alone)

@@ -120,6 +120,13 @@ class Classify(Task):
 
     name, needs = "classify", ("classifier",)
 
+    def check_options(self, config):
+        super().check_options(config)
+        if config.num_labels == 1 and config.problem_type == "single_label_classification":
+            raise TaskError(f"{self.model_dir}/config.json: problem_type single_label_classification with one output "
+                            "gives every row probability 1; set problem_type to regression (a score) or "
+                            "multi_label_classification (a sigmoid probability)")  # fmt: skip
+
     def load(self, dtype, device):
         model = RobertaForSequenceClassification.from_pretrained(self.model_dir, dtype=dtype, device=device)
         # The loss's rule, without labels to look at: an explicit problem_type wins, else one

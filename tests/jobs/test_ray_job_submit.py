@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.cluster import REPO, head_node, http_status, listening, ray_cli
+from tests.cluster import REPO, head_node, listening, ray_cli
 
 ROWS = 30
 

@@ -6,7 +6,6 @@ import os
 import threading
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -212,15 +211,20 @@ def test_settings_are_checked_before_any_data_moves(checkpoints, shards, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_device_cuda_without_a_gpu_is_an_error_not_a_wait(tmp_path):
-    """An embedded Ray without a GPU would leave the inference actors waiting for one forever."""
+def test_device_cuda_without_a_gpu_is_an_error_not_a_wait(checkpoints, shards, tmp_path):
+    """An embedded Ray without a GPU would leave the inference actors waiting for one forever: refused
+    before the output is touched (even with --overwrite) or Ray starts."""
     import subprocess
     import sys
 
-    code = "from pipeline.runner import init_ray; init_ray(device='cuda')"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert result.returncode != 0 and "--device cuda, but this machine has no GPU that Ray sees" in result.stderr, result.stderr[-2000:]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.parquet").write_bytes(b"earlier results")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a GPU machine
+    cmd = [sys.executable, "-m", "jobs.cli", "classify", "--model", str(checkpoints["classifier"]), "--input", str(shards),
+           "--output", str(tmp_path / "out"), "--device", "cuda", "--overwrite"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0 and "--device cuda, but this machine has no GPU" in result.stderr, result.stderr[-2000:]
+    assert (tmp_path / "out" / "old.parquet").read_bytes() == b"earlier results"
 
 
 def test_output_holding_results_needs_overwrite(ray_session, classify, shards, tmp_path):

@@ -99,6 +99,22 @@ def test_lease_refuses_a_second_job_and_is_released(tmp_path):
     assert not (tmp_path / "out" / "_lock.json").exists()
 
 
+def test_lease_without_hard_links_is_created_exclusively(tmp_path, monkeypatch):
+    """FAT, some network and FUSE mounts have no hard links: the lease is then opened with O_EXCL."""
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(shards.os, "link", no_links)
+    out = shards.Output(str(tmp_path / "out"))
+    with shards.Lease(out) as first:
+        assert json.loads((tmp_path / "out" / "_lock.json").read_text())["run"] == first.run
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["_lock.json"]
+        with pytest.raises(shards.OutputLocked, match=f"is being written by run {first.run}"):
+            shards.Lease(out).__enter__()
+    assert not (tmp_path / "out" / "_lock.json").exists()
+
+
 @pytest.mark.parametrize("lease", [{"pid": "dead", "expires": 4e9}, {"pid": 1, "host": "elsewhere", "expires": 1.0}])
 def test_lease_of_a_dead_holder_is_taken_over(tmp_path, lease):
     """A holder on this host whose process is gone, or any holder whose lease expired."""

@@ -100,21 +100,30 @@ def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, mo
                                reference.classify(checkpoints["classifier"], texts), atol=ATOL)  # fmt: skip
 
 
-def test_out_of_memory_on_one_row_says_so_at_once(checkpoints, monkeypatch):
-    """One row that does not fit alone: classify cannot cut it smaller, so no halving and retrying
-    down to the minimum budget, but an error naming the row's length and what to do."""
-    tokens = Tokenize(str(checkpoints["classifier"]))(table(["a review that does not fit"]))
-    infer = Infer(str(checkpoints["classifier"]), "classify", batch_tokens=2048, device="cpu")
-    calls = []
+@pytest.mark.parametrize("failures", [1, 2])
+def test_out_of_memory_on_one_row_is_retried_once_then_named(checkpoints, monkeypatch, failures):
+    """One row that classify cannot cut smaller: run once more as it was (the first failure may be
+    fragmentation), then an error naming the row's length and what to do; never halved down to
+    the minimum budget."""
+    tokens = Tokenize(str(checkpoints["classifier"]))(table(["a review that may not fit"]))
+    infer = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), batch_tokens=2048, device="cpu")
+    run, calls = infer.task.run, []
 
-    def no_memory(model, ids, mask, lengths, budget):
+    def short_of_memory(model, ids, mask, lengths, budget):
         calls.append(ids.shape)
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if len(calls) <= failures:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run(model, ids, mask, lengths, budget)
 
-    monkeypatch.setattr(infer.task, "run", no_memory)
-    with pytest.raises(torch.OutOfMemoryError, match=r"one row of \d+ tokens does not fit .* lower --max-length"):
-        infer(tokens)
-    assert len(calls) == 1 and infer.budget == 2048
+    monkeypatch.setattr(infer.task, "run", short_of_memory)
+    if failures == 2:
+        with pytest.raises(torch.OutOfMemoryError, match=r"one row of \d+ tokens does not fit .* lower --max-length"):
+            infer(tokens)
+    else:
+        out = infer(tokens)
+        np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)),
+                                   reference.classify(checkpoints["classifier"], ["a review that may not fit"]), atol=ATOL)  # fmt: skip
+    assert len(calls) == 2 and infer.budget == 2048
 
 
 def test_bfloat16_keeps_labels_and_logits_near_transformers(checkpoints, reviews):
@@ -170,6 +179,12 @@ def test_classify_kind_follows_an_explicit_problem_type(bpe_dir, texts, tmp_path
     out = run_infer(vector, "classify", texts)
     assert out.schema.field("score").type == pa.list_(pa.float32(), 2)
     np.testing.assert_allclose(np.stack(out["score"].to_numpy(zero_copy_only=False)), reference.classify(vector, texts), atol=ATOL)
+
+    (tmp_path / "one").mkdir()  # a softmax over one output: probability 1 for every row, refused
+    (tmp_path / "one" / "config.json").write_text(json.dumps({"architectures": ["RobertaForSequenceClassification"],
+                                                              "num_labels": 1, "problem_type": "single_label_classification"}))  # fmt: skip
+    with pytest.raises(TaskError, match="single_label_classification with one output gives every row probability 1"):
+        make_task("classify", str(tmp_path / "one")).check()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
