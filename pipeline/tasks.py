@@ -242,7 +242,7 @@ class Score(Task):
         super().__init__(model_dir, options)
         self.method = "causal" if "causal_lm" in checkpoint_heads(model_dir) else "pseudo"
 
-    def check_options(self, config):
+    def check_options(self, config):  # not the base class's: --stride is score's own option
         stride, window = self.options.stride, config.max_tokens
         if stride is not None and not 0 < stride < window:
             raise TaskError(f"--stride {stride}: must be between 1 and the window ({window} tokens) minus 1")
