@@ -22,11 +22,17 @@ from model import RobertaConfig, RobertaForCausalLM, RobertaForMaskedLM, Roberta
 from model.roberta import POOLINGS, problem_type, sentence_embedding, to_device
 
 
-# bytes of (chunk, V) float32 logits at once in score's LM head. Chosen on glibc's malloc, which
-# reuses freed blocks up to 32 MiB and maps larger ones fresh (their pages fault in at every
-# chunk); the CPU inference actor now runs on jemalloc (pipeline/runner.py), and neither there nor
-# on a GPU (about 166 positions a chunk for a 50k vocabulary) has another size been measured.
-HEAP_REUSE_LIMIT = 32 * 2**20
+# Bytes of (chunk, V) float32 logits at once in score's LM head (their log-softmax takes as much
+# again): never a (tokens, V) tensor for a whole micro-batch. Each chunk multiplies by the whole
+# (V, H) decoder weight (46 MB in fp32 for the benchmark's 30k vocabulary), so fewer, larger chunks
+# read it fewer times, the likely reason bigger is faster. Measured on the CPU inference actor's
+# allocator (jemalloc), score-causal small fp32 model stage, 300 rows, sizes interleaved in one
+# process (tokens/s): 8 MiB 2,474 / 2,463 / 2,115; 32 MiB (the size chosen earlier, on glibc)
+# 2,890 / 3,088 / 2,833 and 2,851 / 2,797 / 2,974; 128 MiB 3,322 / 3,294 / 3,128 and 3,085 /
+# 3,190 / 3,255; 256 MiB 3,130 / 3,086 / 3,163. Pseudo-LL bf16 (60 rows of 64 tokens) ran at
+# 256-263 tokens/s at 8, 32 and 128 MiB alike. On a GPU (667 positions a chunk for a 50k
+# vocabulary) not measured.
+LM_HEAD_CHUNK_BYTES = 128 * 2**20
 
 
 class TaskError(ValueError):
@@ -316,8 +322,8 @@ class Score(Task):
 
     def token_log_probs(self, model, hidden, targets):
         """hidden (N, H), targets (N,) -> log p(target) (N,) float32, in chunks of positions whose
-        (chunk, V) float32 logits stay within HEAP_REUSE_LIMIT."""
-        chunk = max(1, HEAP_REUSE_LIMIT // (4 * model.config.vocab_size))
+        (chunk, V) float32 logits stay within LM_HEAD_CHUNK_BYTES."""
+        chunk = max(1, LM_HEAD_CHUNK_BYTES // (4 * model.config.vocab_size))
         out = []
         for i in range(0, len(targets), chunk):
             log_probs = torch.log_softmax(model.logits(hidden[i : i + chunk]).float(), -1)  # (chunk, V)

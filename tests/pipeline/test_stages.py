@@ -216,6 +216,19 @@ def test_score_causal_log_likelihood(checkpoints, texts, layers):
     np.testing.assert_allclose(out["perplexity"].to_numpy(), [np.exp(-ll / n) for ll, n in expected], rtol=1e-4)
 
 
+def test_score_lm_head_in_chunks_of_a_few_positions(checkpoints, texts, monkeypatch):
+    """The LM head's chunks (pipeline.tasks.LM_HEAD_CHUNK_BYTES) cut at 3 positions: the same
+    log-likelihoods as the reference, causal and pseudo-LL."""
+    import pipeline.tasks
+
+    vocab = RobertaConfig.from_pretrained(checkpoints["causal_lm"]).vocab_size
+    monkeypatch.setattr(pipeline.tasks, "LM_HEAD_CHUNK_BYTES", 3 * 4 * vocab)
+    short = [t[:80] for t in texts[:5]]
+    for model, expected in [("causal_lm", reference.causal_log_likelihood), ("masked_lm", reference.pseudo_log_likelihood)]:
+        out = run_infer(checkpoints[model], "score", short, budget=300)
+        np.testing.assert_allclose(out["log_likelihood"].to_numpy(), [e[0] for e in expected(checkpoints[model], short)], rtol=1e-5, atol=1e-3)
+
+
 def test_score_long_documents_with_stride(checkpoints, texts, layers):
     long = [t for t in texts if len(t) > 1500][:4] + ["Short one."]
     batch = table(long)
