@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
-from pipeline.runner import DEFAULT_ID, Options, build, check_device, check_job, check_schema, init_ray, job_columns
+from pipeline.runner import DEFAULT_ID, Options, build, check_job, check_schema, init_ray, job_columns
 from pipeline.tasks import TaskOptions
 from pipeline.tokenize import InputError
 
@@ -32,7 +32,6 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
                       keep_columns=tuple(keep_columns), task_options=task_options,
                       **{k: v for k, v in settings.items() if k not in task_fields})  # fmt: skip
     check_job(options)
-    check_device(options.device, None)
     ds = as_dataset(data)
     schema = ds.schema().base_schema
     if not isinstance(schema, pa.Schema):  # a dataset of pandas blocks: look at one row as Arrow

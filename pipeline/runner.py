@@ -231,11 +231,13 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
     )
 
 
-def check_job(options: Options) -> tuple[Task, int]:
+def check_job(options: Options, address: str | None = None) -> tuple[Task, int]:
     """What can be wrong with a job before any data moves, checked on the driver (in an actor it
     would surface only as a failed job): the task against the checkpoint and its options, the
-    tokenizer's files, --max-length against the model's positions. Returns the task and how many
-    tokens an empty text (or pair of empty texts) becomes: its special tokens."""
+    tokenizer's files, --max-length against the model's positions, --device (`check_device`).
+    Returns the task and how many tokens an empty text (or pair of empty texts) becomes: its
+    special tokens."""
+    check_device(options.device, address)
     task = make_task(options.task, options.model, options.task_options)
     config = task.check()
     tokenizer = RobertaTokenizer.from_pretrained(options.model)
@@ -328,8 +330,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     """Run one job, Parquet in, Parquet out, exactly once per input row (see pipeline/shards.py):
     shards finished by an earlier run with the same model and settings are reused, the rest run.
     A run that fails any number of rows above `max_failed_fraction` stops with an error."""
-    task, specials = check_job(options)
-    check_device(options.device, address)
+    task, specials = check_job(options, address)
     fs, inputs = storage.parquet_files(input, storage_options)
     out = shards.Output(output, storage_options)
     out.check_ours(overwrite)
