@@ -170,17 +170,21 @@ class Summary:
         return asdict(self)
 
 
-def init_ray(address: str | None = None) -> float:
-    """Connect to RAY_ADDRESS / --address, or start an embedded local Ray sized to this machine.
-    Returns the seconds it took (reported apart from the job's own time)."""
+def init_ray(address: str | None = None, filesystems=()) -> float:
+    """Connect to RAY_ADDRESS / --address, or start an embedded local Ray sized to this machine,
+    whose workers import the job's remote filesystems as they start (`storage.worker_runtime_env`).
+    A Ray already initialized is used as it is: a caller who starts Ray for jobs on remote storage
+    passes that runtime_env to `ray.init` itself. Returns the seconds it took (reported apart
+    from the job's own time)."""
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = storage.worker_runtime_env(list(filesystems)) or None
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     return time.perf_counter() - start
 
 
@@ -355,7 +359,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         start = time.perf_counter()
         ray_start, method = 0.0, getattr(task, "method", None)
         if any(m.num_rows for m in footers.values()):
-            ray_start = init_ray(address)
+            ray_start = init_ray(address, [fs, out.fs])
             start = time.perf_counter()
         try:
             new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction,

@@ -122,10 +122,15 @@ def assert_exactly_once(table, markers: list[dict], files: list[str], expected_i
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray cluster for the whole test session (starting one costs 5-10 s here)."""
+    import fsspec
     import ray
+
+    from pipeline import storage
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # As runner.init_ray starts Ray for S3 jobs: the S3 tests share this cluster.
+        runtime_env = storage.worker_runtime_env([fsspec.filesystem("s3", anon=True)])
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     yield ray
     ray.shutdown()
