@@ -41,7 +41,7 @@ import ray
 import torch
 
 from model import RobertaTokenizer
-from pipeline import shards, storage
+from pipeline import shards, storage, workers
 from pipeline.stages import Infer
 from pipeline.tokenize import InputError, Tokenize, is_text
 from pipeline.storage import Shard
@@ -172,15 +172,15 @@ class Summary:
 
 def init_ray(address: str | None = None, filesystems=()) -> float:
     """Connect to RAY_ADDRESS / --address, or start an embedded local Ray sized to this machine,
-    whose workers import the job's remote filesystems as they start (`storage.worker_runtime_env`).
-    A Ray already initialized is used as it is: a caller who starts Ray for jobs on remote storage
-    passes that runtime_env to `ray.init` itself. Returns the seconds it took (reported apart
-    from the job's own time)."""
+    whose workers import what tasks need (Ray Data, the job's fsspec `filesystems`) as they start,
+    before a cancelled task can break that import (pipeline/workers.py). A Ray already initialized
+    is used as it is: whoever started it passes `workers.runtime_env(...)` to `ray.init` there.
+    Returns the seconds it took (reported apart from the job's own time)."""
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = storage.worker_runtime_env(list(filesystems)) or None
+    runtime_env = workers.runtime_env(filesystems)
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:

@@ -300,6 +300,10 @@ class Lease:
                 if (self.read() or {}).get("run") != self.run:
                     self.lost.set()
                     return
+                # A read retried through a storage outage can outlast the run: once it has released
+                # the lease, writing it again would lock out the rerun that took it over since.
+                if self.stopped.is_set():
+                    return
                 self.output.put(self.path, self.body())
             except Exception:  # noqa: BLE001 - storage unreachable for now (OSError, botocore's errors...): retry
                 continue

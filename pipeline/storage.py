@@ -6,7 +6,6 @@ botocore) or `storage_options` passed by the caller. They are never logged or wr
 
 from __future__ import annotations
 
-import os
 import posixpath
 from dataclasses import dataclass
 
@@ -14,7 +13,6 @@ import fsspec
 import pyarrow.fs as pafs
 
 SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
-FILESYSTEMS_VARIABLE = "RAYBERTA_WORKER_FILESYSTEMS"  # the protocols `import_filesystems` imports
 
 
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -28,27 +26,6 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def worker_runtime_env(filesystems: list[fsspec.AbstractFileSystem]) -> dict:
-    """The job-level Ray runtime_env (`ray.init`) under which every worker imports the fsspec
-    implementations of these filesystems as it starts, before it runs any task: {} for local files.
-
-    Why: Ray Data stops a failed job's tasks with a KeyboardInterrupt. One landing while a pooled
-    worker imports s3fs (on unpickling a read task's filesystem argument) leaves submodules in
-    sys.modules without their package (aiohttp.http_exceptions without aiohttp), and from then on
-    every S3 task on that worker fails with "module aiohttp has no attribute http_exceptions",
-    until the cluster restarts. Seen in CI: an S3 job after one that failed on purpose."""
-    protocols = sorted({fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0] for fs in filesystems if not is_local(fs)})
-    if not protocols:
-        return {}
-    return {"worker_process_setup_hook": f"{__name__}.import_filesystems", "env_vars": {FILESYSTEMS_VARIABLE: ",".join(protocols)}}
-
-
-def import_filesystems() -> None:
-    """Ray's worker_process_setup_hook of `worker_runtime_env`."""
-    for protocol in os.environ[FILESYSTEMS_VARIABLE].split(","):
-        fsspec.get_filesystem_class(protocol)
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:

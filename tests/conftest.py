@@ -126,14 +126,13 @@ def ray_session():
     import fsspec
     import ray
 
-    from pipeline import storage
+    from pipeline import workers
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        # As runner.init_ray starts Ray for S3 jobs: the S3 tests share this cluster. Where s3fs is
+        # As runner.init_ray starts Ray for an S3 job: the S3 tests share this cluster. Where s3fs is
         # not installed (infra/gpu-check.sh's machines) there are no S3 jobs to prepare for.
         s3 = [fsspec.filesystem("s3", anon=True)] if importlib.util.find_spec("s3fs") else []
-        runtime_env = storage.worker_runtime_env(s3) or None
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=workers.runtime_env(s3))
     yield ray
     ray.shutdown()

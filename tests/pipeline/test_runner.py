@@ -227,10 +227,11 @@ def test_device_cuda_without_a_gpu_is_an_error_not_a_wait(checkpoints, shards, t
     assert (tmp_path / "out" / "old.parquet").read_bytes() == b"earlier results"
 
 
-def test_an_embedded_ray_for_s3_jobs_has_its_workers_import_s3fs_before_any_task():
+def test_an_embedded_ray_has_its_workers_import_ray_data_and_s3fs_before_any_task():
     """Ray Data cancels a failed job's tasks with a KeyboardInterrupt; one landing inside a pooled
     worker's first `import s3fs` broke every later S3 task on that worker (CI, after the outage
-    test). Workers of an S3 job's Ray import it as they start, so no task can be inside it."""
+    test), and `import ray.data` breaks the same way. The workers of the Ray a job starts import
+    both as they start, so no task can be inside those imports (pipeline/workers.py)."""
     import subprocess
     import sys
 
@@ -238,14 +239,15 @@ def test_an_embedded_ray_for_s3_jobs_has_its_workers_import_s3fs_before_any_task
         import sys, fsspec, ray
         from pipeline.runner import init_ray
         init_ray(None, [fsspec.filesystem("file"), fsspec.filesystem("s3", anon=True)])
-        # A plain task: nothing in it or its arguments imports s3fs.
-        state = ray.remote(lambda: ("s3fs.core" in sys.modules, hasattr(sys.modules.get("aiohttp"), "http_exceptions")))
-        print(ray.get([state.options(num_cpus=0).remote() for _ in range(4)]))
+        # A plain task: nothing in it or its arguments imports Ray Data or s3fs.
+        imported = lambda: ("ray.data" in sys.modules, "s3fs.core" in sys.modules,
+                            hasattr(sys.modules.get("aiohttp"), "http_exceptions"))
+        print(ray.get([ray.remote(imported).options(num_cpus=0).remote() for _ in range(4)]))
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == str([(True, True)] * 4)
+    assert result.stdout.strip().splitlines()[-1] == str([(True, True, True)] * 4)
 
 
 def test_output_holding_results_needs_overwrite(ray_session, classify, shards, tmp_path):

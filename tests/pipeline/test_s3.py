@@ -32,7 +32,12 @@ class S3Server:
     outage (the stored objects live in this process and survive it)."""
 
     def __init__(self):
+        from moto.moto_server.werkzeug_app import MotoRequestHandler
         from moto.server import ThreadedMotoServer
+
+        # One request per connection: `stop()` closes only the listening socket, and the handler
+        # threads of kept-alive connections (werkzeug's HTTP/1.1) would go on serving through the outage.
+        MotoRequestHandler.protocol_version = "HTTP/1.0"
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
@@ -98,8 +103,10 @@ def s3_input(s3, reviews) -> pa.Table:
 
 
 def read_output(arrow_s3: pafs.S3FileSystem, prefix: str) -> pa.Table:
+    # Not under _staging/ (or any _ or . folder), which Parquet readers skip too: a cancelled
+    # task's upload can still land there after the job.
     files = [i.path for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True))
-             if i.path.endswith(".parquet")]  # fmt: skip
+             if i.path.endswith(".parquet") and not any(p[0] in "_." for p in i.path[len(BUCKET) + len(prefix) + 2:].split("/"))]  # fmt: skip
     assert files, f"no Parquet files under s3://{BUCKET}/{prefix}"
     return pa.concat_tables([pq.read_table(f, filesystem=arrow_s3) for f in files])
 

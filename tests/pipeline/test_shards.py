@@ -130,8 +130,11 @@ def test_a_holder_that_lost_its_lease_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(shards.Lease, "TTL", 0.2)  # renew every 50 ms
     out = shards.Output(str(tmp_path / "out"))
     with shards.Lease(out) as lease:
-        out.put(out.join(shards.LOCK), json.dumps({"run": "other", "host": "h", "pid": 1, "expires": 4e9}).encode())
-        lease.lost.wait(5)
+        # Written until seen: a renewal that read the lease just before this write puts ours back.
+        for _ in range(50):
+            out.put(out.join(shards.LOCK), json.dumps({"run": "other", "host": "h", "pid": 1, "expires": 4e9}).encode())
+            if lease.lost.wait(0.2):
+                break
         with pytest.raises(shards.OutputLocked, match="another job took over the lease"):
             lease.check()
     assert json.loads((tmp_path / "out" / "_lock.json").read_text())["run"] == "other"  # not ours to delete

@@ -1,10 +1,6 @@
 """Input listing on the local filesystem (S3 runs through the same fsspec
 calls: tests/pipeline/test_s3.py)."""
 
-import subprocess
-import sys
-
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -41,13 +37,3 @@ def test_missing_and_empty_inputs(tree):
     with pytest.raises(FileNotFoundError, match="no input given"):
         storage.parquet_files([])
 
-
-def test_worker_runtime_env_imports_only_remote_filesystems():
-    assert storage.worker_runtime_env([fsspec.filesystem("file")]) == {}
-    env = storage.worker_runtime_env([fsspec.filesystem("file"), fsspec.filesystem("s3", anon=True)])
-    assert env["env_vars"] == {storage.FILESYSTEMS_VARIABLE: "s3"}
-    # What Ray does with the hook in a new worker: import it and call it.
-    module, function = env["worker_process_setup_hook"].rsplit(".", 1)
-    probe = f"import sys, {module}; {module}.{function}(); print('s3fs.core' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env["env_vars"] | {"PATH": ""})
-    assert result.stdout.strip() == "True", result.stderr[-2000:]
