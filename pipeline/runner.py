@@ -172,15 +172,16 @@ class Summary:
 
 def init_ray(address: str | None = None, filesystems=()) -> float:
     """Connect to RAY_ADDRESS / --address, or start an embedded local Ray sized to this machine,
-    whose workers import what tasks need (Ray Data, the job's fsspec `filesystems`) as they start,
-    before a cancelled task can break that import (pipeline/workers.py). A Ray already initialized
-    is used as it is: whoever started it passes `workers.runtime_env(...)` to `ray.init` there.
+    whose workers import what tasks need (Ray Data, the job's fsspec `filesystems`) as they start
+    when a filesystem is remote, before a cancelled task can break that import (pipeline/workers.py).
+    A Ray already initialized is used as it is: whoever started it passes `workers.runtime_env(...)`
+    to `ray.init` there.
     Returns the seconds it took (reported apart from the job's own time)."""
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = workers.runtime_env(filesystems)
+    runtime_env = workers.runtime_env(filesystems) or None
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:

@@ -227,11 +227,11 @@ def test_device_cuda_without_a_gpu_is_an_error_not_a_wait(checkpoints, shards, t
     assert (tmp_path / "out" / "old.parquet").read_bytes() == b"earlier results"
 
 
-def test_an_embedded_ray_has_its_workers_import_ray_data_and_s3fs_before_any_task():
+def test_an_embedded_ray_for_s3_jobs_has_its_workers_import_ray_data_and_s3fs_before_any_task():
     """Ray Data cancels a failed job's tasks with a KeyboardInterrupt; one landing inside a pooled
     worker's first `import s3fs` broke every later S3 task on that worker (CI, after the outage
-    test), and `import ray.data` breaks the same way. The workers of the Ray a job starts import
-    both as they start, so no task can be inside those imports (pipeline/workers.py)."""
+    test), and `import ray.data` breaks the same way. The workers of the Ray an S3 job starts
+    import both as they start, so no task can be inside those imports (pipeline/workers.py)."""
     import subprocess
     import sys
 
