@@ -52,7 +52,12 @@ class S3Server:
         from moto.server import ThreadedMotoServer
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
+        # moto waits for its server thread without a timeout, and that thread dies if the port was
+        # taken meanwhile: a clear failure rather than a hung test run.
+        starting = threading.Thread(target=self.server.start, daemon=True)
+        starting.start()
+        starting.join(timeout=30)
+        assert not starting.is_alive(), f"moto could not listen on 127.0.0.1:{self.port} again"
 
 
 @pytest.fixture(scope="module")
