@@ -181,7 +181,7 @@ def init_ray(address: str | None = None, filesystems=()) -> float:
         return 0.0
     start = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = workers.runtime_env(filesystems) or None
+    runtime_env = workers.runtime_env(filesystems)
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:

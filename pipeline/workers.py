@@ -22,18 +22,18 @@ import os
 
 import fsspec
 
-from pipeline.storage import is_local
+from pipeline.storage import is_local, protocols
 
 FILESYSTEMS_VARIABLE = "RAYBERTA_WORKER_FILESYSTEMS"  # the fsspec protocols `setup` imports
 
 
-def runtime_env(filesystems) -> dict:
+def runtime_env(filesystems) -> dict | None:
     """The job-level runtime_env (`ray.init(runtime_env=...)`) whose workers run `setup` as they
-    start, for a job on these fsspec filesystems: {} when all are local."""
-    protocols = sorted({fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0] for fs in filesystems if not is_local(fs)})
-    if not protocols:
-        return {}
-    return {"worker_process_setup_hook": f"{__name__}.setup", "env_vars": {FILESYSTEMS_VARIABLE: ",".join(protocols)}}
+    start, for a job on these fsspec filesystems: None when all are local."""
+    remote = sorted({protocols(fs)[0] for fs in filesystems if not is_local(fs)})
+    if not remote:
+        return None
+    return {"worker_process_setup_hook": f"{__name__}.setup", "env_vars": {FILESYSTEMS_VARIABLE: ",".join(remote)}}
 
 
 def setup() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -108,12 +109,11 @@ def s3_input(s3, reviews) -> pa.Table:
 
 
 def read_output(arrow_s3: pafs.S3FileSystem, prefix: str) -> pa.Table:
-    # Not under _staging/ (or any _ or . folder), which Parquet readers skip too: a cancelled
-    # task's upload can still land there after the job.
-    files = [i.path for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True))
-             if i.path.endswith(".parquet") and not any(p[0] in "_." for p in i.path[len(BUCKET) + len(prefix) + 2:].split("/"))]  # fmt: skip
-    assert files, f"no Parquet files under s3://{BUCKET}/{prefix}"
-    return pa.concat_tables([pq.read_table(f, filesystem=arrow_s3) for f in files])
+    # pyarrow's dataset discovery skips _ and . names (markers, the summary, and _staging/, where a
+    # cancelled task's upload can still land after the job), as any Parquet reader would.
+    dataset = pads.dataset(f"{BUCKET}/{prefix}", filesystem=arrow_s3, format="parquet")
+    assert dataset.files, f"no Parquet files under s3://{BUCKET}/{prefix}"
+    return dataset.to_table()
 
 
 @torch.no_grad()

@@ -36,4 +36,3 @@ def test_missing_and_empty_inputs(tree):
         storage.parquet_files(str(tree / "empty"))
     with pytest.raises(FileNotFoundError, match="no input given"):
         storage.parquet_files([])
-

@@ -10,7 +10,7 @@ from pipeline import workers
 
 
 def test_the_hook_imports_ray_data_and_the_remote_filesystems_and_local_jobs_get_none():
-    assert workers.runtime_env([fsspec.filesystem("file")]) == {}
+    assert workers.runtime_env([fsspec.filesystem("file")]) is None
     env = workers.runtime_env([fsspec.filesystem("file"), fsspec.filesystem("s3", anon=True)])
     assert env["env_vars"] == {workers.FILESYSTEMS_VARIABLE: "s3"}
     module, function = env["worker_process_setup_hook"].rsplit(".", 1)  # what Ray does with it
