@@ -23,6 +23,8 @@ from jobs.demo import CentroidProbe, corpus_csv, minilm_dir
 from model import RobertaConfig, RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification
 from pipeline import TaskOptions
 
+# roberta-base's config.json values where they differ from RobertaConfig's (transformers') defaults.
+ROBERTA_FIELDS = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
 SIZES = {
     "small": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
     "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
@@ -63,7 +65,7 @@ def make_checkpoint(directory: Path, size: str, head: type, **config) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(shutil.copy(train_bpe(directory.parent / "bpe" / "tokenizer.json"), directory))
     torch.manual_seed(0)
-    head(RobertaConfig(vocab_size=tokenizer.get_vocab_size(), **SIZES[size], **config)).save_pretrained(directory)
+    head(RobertaConfig(vocab_size=tokenizer.get_vocab_size(), **ROBERTA_FIELDS, **SIZES[size], **config)).save_pretrained(directory)
     return directory
 
 

@@ -1,6 +1,8 @@
 """`RobertaConfig`: the fields of a Hugging Face `config.json` that the architecture uses.
 
-A frozen dataclass: a config describes a checkpoint and never changes once read. Keys of
+A frozen dataclass: a config describes a checkpoint and never changes once read. Defaults are
+transformers' `RobertaConfig` defaults (so a config.json without a field means the same to both;
+note they are BERT's 512 positions, 2 token types and eps 1e-12, not roberta-base's values). Keys of
 `config.json` that the architecture does not use (`architectures`, `torch_dtype`, ...) are ignored;
 values it cannot run (an unknown `model_type`, `hidden_act` or `position_embedding_type`) raise
 at load time, naming the file and the field, rather than producing wrong numbers later.
@@ -46,9 +48,10 @@ class RobertaConfig:
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 514
-    type_vocab_size: int = 1
-    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02  # std of the normal init of a model built from a config
+    layer_norm_eps: float = 1e-12
     pad_token_id: int = 1
     bos_token_id: int | None = 0
     eos_token_id: int | None = 2
@@ -56,6 +59,9 @@ class RobertaConfig:
     is_decoder: bool = False
     add_cross_attention: bool = False
     use_cache: bool = True
+    # Defaults of the forward arguments of the same names, as in transformers.
+    output_attentions: bool = False
+    output_hidden_states: bool = False
     tie_word_embeddings: bool = True
     # num_labels is derived from id2label when that is given (as in transformers).
     num_labels: int | None = None

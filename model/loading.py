@@ -12,6 +12,10 @@ Dropped without error, and why:
 - weights of a part the loaded class does not have: a pooler, `lm_head.*`, `classifier.*` or
   BERT's `cls.*` head. Loading the base model from a masked-LM checkpoint is the normal way to embed.
 - `lm_head.decoder.weight` when the config ties it to the word embeddings (the embedding is used).
+- one of the LM bias's two copies, `lm_head.bias` and `lm_head.decoder.bias`. transformers 4 kept
+  them one tensor; transformers 5 ties them only with tied word embeddings (`lm_head.bias` is then
+  the one used), and an untied model's logits use `lm_head.decoder.bias`. We load the copy
+  transformers 5 uses and save both, so either version reads our checkpoints.
 
 The model is built on the `meta` device and the loaded tensors are assigned to it, so peak memory
 stays near one copy of the weights. `pytorch_model.bin` is refused: unpickling can run arbitrary code.
@@ -98,7 +102,7 @@ def our_key(checkpoint_key: str, body_prefix: str) -> tuple[bool, str | None]:
     if not known or target is None:
         return known, None
     if module == "lm_head.decoder" and suffix == "bias":
-        target, suffix = "lm_head", "bias"  # transformers saves the LM bias under both names
+        target, suffix = "lm_head", "bias"  # one of the LM bias's two copies (module docstring)
     full = f"{target}.{suffix}"
     return True, full if full.startswith(HEAD_PREFIXES) else "roberta." + full
 
@@ -171,6 +175,7 @@ def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
     tied = getattr(model, "tie_weights", None) is not None and config.tie_word_embeddings
     if tied:
         expected.pop("lm_head.decoder.weight")
+    lm_bias = "lm_head.bias" if config.tie_word_embeddings else "lm_head.decoder.bias"  # the copy the logits use
 
     loaded, unexpected, mismatched = {}, [], []
     for file in files:
@@ -188,16 +193,20 @@ def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
                 if tensor.shape != expected[ours].shape:
                     mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[ours].shape)}")
                     continue
-                if ours in loaded and not torch.equal(loaded[ours], tensor.to(dtype)):
-                    mismatched.append(f"{key}: differs from the other copy of {ours}")
+                if ours in loaded and ours == "lm_head.bias":  # the LM bias's second copy: keep the used one
+                    if key != lm_bias:
+                        continue
+                elif ours in loaded and not torch.equal(loaded[ours], tensor.to(dtype)):
+                    mismatched.append(f"{key}: differs from another key of the same parameter ({ours})")
                 loaded[ours] = tensor.to(dtype)
-    missing = sorted(set(expected) - set(loaded))
+    # Named as the checkpoint would name them (as save_pretrained writes this class).
+    missing = sorted(checkpoint_key(k, "" if is_base else config.body_prefix + ".") for k in set(expected) - set(loaded))
     if unexpected or missing or mismatched:
         lines = [f"cannot load {local_dir} into {cls.__name__} (config: {config.model_type}, {config.num_hidden_layers} layers):"]
         lines += [f"  unexpected keys (not part of this architecture): {sorted(set(unexpected))}"] if unexpected else []
         lines += [f"  missing keys: {missing}"] if missing else []
-        lines += [f"  mismatched shapes: {mismatched}"] if mismatched else []
-        if missing and any(k.startswith("roberta.pooler") for k in missing):
+        lines += [f"  mismatched tensors: {mismatched}"] if mismatched else []
+        if missing and any(k.startswith(("pooler.", "roberta.pooler.")) for k in missing):
             lines.append("  (this checkpoint has no pooler: load RobertaModel with add_pooling_layer=False)")
         raise CheckpointError("\n".join(lines))
 
@@ -229,7 +238,8 @@ def check_tokenizer_fits(local_dir: Path, config: RobertaConfig) -> None:
 
 
 def save_pretrained(model, local_dir) -> None:
-    """config.json + model.safetensors under the Hugging Face key names (tied decoder omitted)."""
+    """config.json + model.safetensors under the Hugging Face key names (tied decoder omitted; an
+    untied LM bias under both its names, as transformers 5 reads it from `lm_head.decoder.bias`)."""
     local_dir = Path(local_dir)
     is_base = not hasattr(model, "roberta")
     prefix = "" if is_base else model.config.body_prefix + "."
@@ -239,5 +249,7 @@ def save_pretrained(model, local_dir) -> None:
             continue
         name = checkpoint_key("roberta." + key if is_base else key, prefix)
         tensors[name] = tensor.detach().contiguous().cpu()
+        if key == "lm_head.bias" and not model.config.tie_word_embeddings:
+            tensors["lm_head.decoder.bias"] = tensors[name].clone()  # safetensors refuses shared storage
     model.config.save_pretrained(local_dir, type(model).__name__.replace("Roberta", "Bert" if model.config.model_type == "bert" else "Roberta"))
     save_file(tensors, str(local_dir / "model.safetensors"), metadata={"format": "pt"})

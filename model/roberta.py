@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -70,18 +71,37 @@ ACT_FNS = {
 
 
 # ----------------------------------------------------------------------------- outputs
-class ModelOutput:
-    """Attribute access, `out["name"]`, `out[i]` and `to_tuple()` over the fields that are not None,
-    like transformers' ModelOutput (so `return_dict=False` is `out.to_tuple()`)."""
+class ModelOutput(Mapping):
+    """Like transformers' ModelOutput: attributes, and a mapping of the fields that are not None
+    (`out["logits"]`, `"loss" in out`, `out.items()`, `**out`; a None field is a KeyError), plus
+    `out[i]` and `to_tuple()` over the same fields in order (so `return_dict=False` is `out.to_tuple()`)."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
     def to_tuple(self) -> tuple:
-        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+        return tuple(getattr(self, name) for name in self.keys())
 
     def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+        if not isinstance(key, str):
+            return self.to_tuple()[key]
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
 
-    def keys(self):
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key) -> bool:  # names only, as a dict's keys (Mapping's would try out[0])
+        return key in self.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+def returned(output: ModelOutput, return_dict: bool | None):
+    """transformers' rule: the output object unless return_dict is False (None means the default)."""
+    return output if return_dict is None or return_dict else output.to_tuple()
 
 
 @dataclass
@@ -126,7 +146,9 @@ class Embeddings(nn.Module):
         super().__init__()
         self.config = config
         self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # RoBERTa gives pads the position pad_token_id, a row that gets no gradient (BERT has none).
+        padding_position = config.pad_token_id if config.position_offset else None
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size, padding_idx=padding_position)
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -243,7 +265,7 @@ def attention_bias(mask, T: int, S: int, causal: bool, dtype, device) -> torch.T
     reference), or a 4-D (B, 1, T, S) mask given by the caller (bool: True = attend; float: additive).
     causal: the T queries are the last T of the S positions and see only keys up to themselves."""
     if mask is not None and mask.dim() == 4:
-        return mask if mask.is_floating_point() else torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask.to(dtype) if mask.is_floating_point() else torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     allowed = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, S)
     if causal:
         rows = torch.arange(S - T, S, device=device)[:, None]
@@ -339,6 +361,20 @@ def pack_rows(x: torch.Tensor, lengths, bias, causal: bool) -> tuple[torch.Tenso
     return rows.pack(x), PackedAttention(rows, rows, bias, causal)
 
 
+@torch.no_grad()
+def init_weights(module: nn.Module, config: RobertaConfig) -> None:
+    """transformers' `_init_weights` for a model built from a config: Linear and Embedding weights
+    N(0, initializer_range), Linear biases and embedding padding rows 0 (LayerNorms and the LM bias
+    start at 1 and 0 already). `from_pretrained` builds on the meta device, where this costs nothing."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, config.initializer_range)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            m.weight[m.padding_idx].zero_()
+
+
 class PreTrained(nn.Module):
     """What every class shares: construction from a checkpoint directory and saving to one."""
 
@@ -373,6 +409,7 @@ class RobertaModel(PreTrained):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        init_weights(self, config)
 
     def forward(
         self,
@@ -386,9 +423,9 @@ class RobertaModel(PreTrained):
         encoder_attention_mask=None,
         past_key_values=None,
         use_cache=None,
-        output_attentions=False,
-        output_hidden_states=False,
-        return_dict=True,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
         *,
         lengths=None,
     ):
@@ -399,6 +436,8 @@ class RobertaModel(PreTrained):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if lengths is not None:
             self.check_unpadded(attention_mask, head_mask, encoder_hidden_states, past_key_values, use_cache, output_attentions,
                                 self.training)  # fmt: skip
@@ -436,7 +475,7 @@ class RobertaModel(PreTrained):
             attentions=tuple(attentions) if output_attentions else None,
             cross_attentions=tuple(cross_attentions) if output_attentions and encoder_hidden_states is not None else None,
         )
-        return out if return_dict else out.to_tuple()
+        return returned(out, return_dict)
 
     def hidden_at(self, input_ids, attention_mask, index, lengths=None) -> torch.Tensor:
         """The last hidden state at `index` only: input_ids, attention_mask (B, T), index (B, n)
@@ -549,6 +588,7 @@ class LMModel(PreTrained):
         self.config = config
         self.roberta = RobertaModel(config, add_pooling_layer=False)
         self.lm_head = LMHead(config)
+        init_weights(self.lm_head, config)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -573,9 +613,9 @@ class RobertaForMaskedLM(LMModel):
         encoder_hidden_states=None,
         encoder_attention_mask=None,
         labels=None,
-        output_attentions=False,
-        output_hidden_states=False,
-        return_dict=True,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
     ):
         out = self.roberta(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
@@ -587,7 +627,7 @@ class RobertaForMaskedLM(LMModel):
         if labels is not None:  # tokens labelled -100 are ignored
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.view(-1).to(logits.device))
         result = MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
-        return result if return_dict else result.to_tuple()
+        return returned(result, return_dict)
 
 
 class RobertaForCausalLM(LMModel):
@@ -604,9 +644,9 @@ class RobertaForCausalLM(LMModel):
         labels=None,
         past_key_values=None,
         use_cache=None,
-        output_attentions=False,
-        output_hidden_states=False,
-        return_dict=True,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
     ):
         if labels is not None:
             use_cache = False
@@ -623,7 +663,7 @@ class RobertaForCausalLM(LMModel):
         result = CausalLMOutputWithCrossAttentions(
             loss, logits, out.past_key_values, out.hidden_states, out.attentions, out.cross_attentions
         )
-        return result if return_dict else result.to_tuple()
+        return returned(result, return_dict)
 
 
 class ClassificationHead(nn.Module):
@@ -660,6 +700,7 @@ class RobertaForSequenceClassification(PreTrained):
         self.config = config
         self.roberta = RobertaModel(config, add_pooling_layer=False)
         self.classifier = ClassificationHead(config)
+        init_weights(self.classifier, config)
 
     def forward(
         self,
@@ -670,9 +711,9 @@ class RobertaForSequenceClassification(PreTrained):
         head_mask=None,
         inputs_embeds=None,
         labels=None,
-        output_attentions=False,
-        output_hidden_states=False,
-        return_dict=True,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
     ):
         out = self.roberta(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
@@ -690,7 +731,7 @@ class RobertaForSequenceClassification(PreTrained):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         result = SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
-        return result if return_dict else result.to_tuple()
+        return returned(result, return_dict)
 
 
 # Every architecture name a config.json may list, to the class that runs it.

@@ -76,12 +76,13 @@ def default_max_length(model_config: dict, tokenizer_config: dict) -> int:
     return 512
 
 
-def _bpe_backend(directory: Path) -> Tokenizer:
-    """RobertaTokenizerFast's backend, as transformers' converter builds it from vocab.json + merges.txt."""
+def _bpe_backend(directory: Path, add_prefix_space: bool) -> Tokenizer:
+    """RobertaTokenizerFast's backend, as transformers' converter builds it from vocab.json + merges.txt
+    (add_prefix_space: tokenizer_config.json's, so "Hello" starts with the token of " Hello")."""
     vocab, merges = models.BPE.read_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
     backend = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="",
                                    end_of_word_suffix="", fuse_unk=False))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -125,8 +126,26 @@ def _as_id_list(ids: Any) -> list:
     return [i.tolist() if hasattr(i, "tolist") else i for i in ids]
 
 
+class _RightOnly:
+    """`padding_side` / `truncation_side`: always "right". Setting "left" raises instead of being
+    ignored, so code written for the reference's left padding cannot silently get right padding."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None) -> str:
+        return "right"
+
+    def __set__(self, obj, value) -> None:
+        if value != "right":
+            raise ValueError(f"{self.name}={value!r}: this tokenizer pads and truncates on the right only")
+
+
 class RobertaTokenizer:
     """Tokenizer for the RoBERTa family (byte-level BPE) and BERT checkpoints (WordPiece)."""
+
+    padding_side = _RightOnly()
+    truncation_side = _RightOnly()
 
     bos_token: str | None
     eos_token: str | None
@@ -171,7 +190,7 @@ class RobertaTokenizer:
         if (directory / "tokenizer.json").is_file():
             backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-            backend = _bpe_backend(directory)
+            backend = _bpe_backend(directory, tokenizer_config.get("add_prefix_space", False))
         elif (directory / "vocab.txt").is_file():
             backend = None  # WordPiece needs the unk token name first
         else:
@@ -195,14 +214,15 @@ class RobertaTokenizer:
             backend = _wordpiece_backend(directory, specials, tokenizer_config)
         _add_special_tokens(backend, specials, flags)
         if backend.post_processor is None:  # vocab files: build it once the special tokens have ids
-            backend.post_processor = cls._post_processor(backend, specials, is_bert)
+            backend.post_processor = cls._post_processor(backend, specials, is_bert, tokenizer_config.get("add_prefix_space", False))
 
         tokenizer_class = tokenizer_config.get("tokenizer_class") or ("BertTokenizer" if is_bert else "RobertaTokenizer")
         length = max_length if max_length is not None else default_max_length(model_config, tokenizer_config)
         return cls(backend, specials, length, tokenizer_class)
 
     @staticmethod
-    def _post_processor(backend: Tokenizer, specials: dict[str, str | None], is_bert: bool) -> processors.PostProcessor:
+    def _post_processor(backend: Tokenizer, specials: dict[str, str | None], is_bert: bool,
+                        add_prefix_space: bool) -> processors.PostProcessor:
         """The reference's post-processor: BERT's template or RoBERTa's `<s> A </s></s> B </s>`."""
         cls_token, sep_token = specials["cls_token"], specials["sep_token"]
         cls_id, sep_id = backend.token_to_id(cls_token), backend.token_to_id(sep_token)
@@ -213,7 +233,7 @@ class RobertaTokenizer:
                 special_tokens=[(cls_token, cls_id), (sep_token, sep_id)],
             )
         return processors.RobertaProcessing((sep_token, sep_id), (cls_token, cls_id),
-                                            trim_offsets=True, add_prefix_space=False)
+                                            trim_offsets=True, add_prefix_space=add_prefix_space)
 
     # -- encoding -------------------------------------------------------------------------------
 

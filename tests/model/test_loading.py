@@ -79,6 +79,37 @@ def test_our_save_is_read_by_transformers(tmp_path):
             close(again(ids, mask)[0], ref(ids, mask)[0])
 
 
+def test_untied_lm_head_bias_transfers_both_ways(tmp_path):
+    """transformers 5 unties `lm_head.decoder.bias` from `lm_head.bias` along with the word
+    embeddings, and its logits use the decoder's copy: after training, the two differ."""
+    ref = reference("RobertaForMaskedLM", tie_word_embeddings=False)
+    with torch.no_grad():
+        ref.lm_head.decoder.bias.normal_()  # what training does to the copy the logits use
+    assert not torch.equal(ref.lm_head.decoder.bias, ref.lm_head.bias)
+    mine = ours.RobertaForMaskedLM.from_pretrained(save(ref, tmp_path / "theirs"))
+    mine.save_pretrained(tmp_path / "ours")
+    again = transformers.RobertaForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+    ids, mask, _ = padded_batch([5, 9])
+    with torch.no_grad():
+        close(mine(ids, mask).logits, ref(ids, mask).logits)
+        close(again(ids, mask).logits, ref(ids, mask).logits)
+
+
+def test_a_model_built_from_a_config_starts_as_transformers_initialises_it():
+    """Same init scheme, parameter by parameter (the random draws differ): standard deviation,
+    and zeros exactly where transformers has them (biases, padding rows)."""
+    from model.loading import checkpoint_key
+
+    config = dict(TINY, vocab_size=500, hidden_size=64, intermediate_size=128)
+    torch.manual_seed(0)
+    mine = ours.RobertaForSequenceClassification(ours.RobertaConfig(**config))
+    theirs = dict(transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**config)).named_parameters())
+    for name, param in mine.named_parameters():
+        expected = theirs[checkpoint_key(name, "roberta.")]
+        assert param.std().item() == pytest.approx(expected.std().item(), rel=0.2, abs=1e-6), name
+        assert torch.equal(param == 0, expected == 0), name
+
+
 # ----------------------------------------------------------------------------- bad checkpoints
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -133,7 +164,7 @@ def test_mismatched_shapes_listed(tmp_path):
     directory = save(reference("RobertaForMaskedLM"), tmp_path / "mlm")
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
-    with pytest.raises(CheckpointError, match=r"mismatched shapes.*intermediate.dense.weight: checkpoint \(37, 32\), model \(40, 32\)"):
+    with pytest.raises(CheckpointError, match=r"mismatched tensors.*intermediate.dense.weight: checkpoint \(37, 32\), model \(40, 32\)"):
         ours.RobertaForMaskedLM.from_pretrained(directory)
 
 
@@ -148,7 +179,7 @@ def test_missing_and_unexpected_keys_listed(tmp_path):
     with pytest.raises(CheckpointError) as err:
         ours.RobertaForMaskedLM.from_pretrained(directory)
     assert "roberta.encoder.layer.0.attention.self.rotary.weight" in str(err.value)
-    assert "missing keys: ['roberta.layers.1.mlp_down.bias']" in str(err.value)
+    assert "missing keys: ['roberta.encoder.layer.1.output.dense.bias']" in str(err.value)
 
 
 def test_head_the_checkpoint_lacks(masked_lm_dir):
@@ -163,6 +194,18 @@ def test_config_round_trip_and_labels():
     assert ours.RobertaConfig(num_labels=3).id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
     with pytest.raises(ConfigError, match="hidden_act"):
         ours.RobertaConfig(hidden_act="swiglu")
+
+
+def test_config_defaults_are_transformers_defaults():
+    """A config.json that leaves a field out means the same to both (BERT's 512 positions, 2 token
+    types, eps 1e-12: not roberta-base's values)."""
+    theirs, compared = transformers.RobertaConfig(), 0
+    for name, value in ours.RobertaConfig().to_dict().items():
+        # transformers derives the label fields too (tested below); 5.x dropped position_embedding_type.
+        if name not in ("num_labels", "id2label", "label2id") and hasattr(theirs, name):
+            assert getattr(theirs, name) == value, name
+            compared += 1
+    assert compared >= 20
 
 
 @pytest.mark.parametrize("labels", [dict(id2label={0: "toxic"}), dict(id2label={0: "neg", 1: "pos"}), dict(num_labels=3), {}])

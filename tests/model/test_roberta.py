@@ -199,6 +199,68 @@ def test_return_dict_false_gives_the_reference_tuple(tmp_path, kind):
             close(a, b)
 
 
+def test_outputs_are_mappings_like_the_references(tmp_path):
+    """`return_dict=None` is the default (an output object); the object is a mapping of its non-None
+    fields, as transformers' ModelOutput (an OrderedDict) is."""
+    ref, mine = load_pair(tmp_path, "RobertaForMaskedLM")
+    ids, mask, _ = padded_batch(LENGTHS)
+    with torch.no_grad():
+        expected = ref(ids, mask, labels=ids, return_dict=None)
+        got = mine(ids, mask, labels=ids, return_dict=None)
+    assert list(got.keys()) == list(expected.keys()) == ["loss", "logits"]
+    assert ("loss" in got, "attentions" in got, len(got)) == ("loss" in expected, "attentions" in expected, len(expected))
+    assert [name for name, _ in got.items()] == list(got) == list(expected)
+    close(dict(**got)["logits"], expected.get("logits"))
+    for out in (got, expected):
+        assert out.get("attentions") is None and out.attentions is None
+        with pytest.raises(KeyError):
+            out["attentions"]
+
+
+def test_the_config_sets_the_default_of_output_hidden_states_and_attentions(tmp_path):
+    ref, mine = load_pair(tmp_path, "RobertaModel", output_hidden_states=True, output_attentions=True)
+    ids, mask, _ = padded_batch(LENGTHS)
+    with torch.no_grad():
+        expected, got = ref(ids, mask), mine(ids, mask)
+        assert mine(ids, mask, output_attentions=False).attentions is None
+    assert len(got.hidden_states) == len(expected.hidden_states) and len(got.attentions) == len(expected.attentions)
+    close(got.hidden_states[1], expected.hidden_states[1])
+    close(got.attentions[1], expected.attentions[1])
+
+
+@pytest.mark.parametrize("kind", ["RobertaForMaskedLM", "RobertaForCausalLM", "RobertaForSequenceClassification"])
+def test_training_gradients_match_the_reference(tmp_path, kind):
+    """One backward pass in train mode (dropout 0, so both are deterministic) on a padded batch, with
+    the common `labels=input_ids` for the LMs: every parameter gets the reference's gradient, the
+    position table's padding row included (none)."""
+    from model.loading import checkpoint_key
+
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ref, mine = load_pair(tmp_path, kind, is_decoder=kind == "RobertaForCausalLM", **no_dropout)
+    ids, mask, _ = padded_batch(LENGTHS)
+    labels = torch.tensor([1, 0, 1, 0]) if kind == "RobertaForSequenceClassification" else ids
+    for model in (ref.train(), mine.train()):
+        model(ids, mask, labels=labels).loss.backward()
+    theirs = dict(ref.named_parameters())
+    assert mine.roberta.embeddings.position.weight.grad[1].abs().max() == 0  # pad_token_id's row
+    for name, param in mine.named_parameters():
+        close(param.grad, theirs[checkpoint_key(name, "roberta.")].grad)
+
+
+def test_float_4d_mask_on_a_bfloat16_model_with_attention_maps(tmp_path):
+    """An additive mask the caller built in fp32 is cast to the model's dtype (the explicit-softmax
+    path adds it to bf16 scores)."""
+    ref, _ = load_pair(tmp_path, "RobertaModel")
+    mine = ours.RobertaModel.from_pretrained(tmp_path / "RobertaModel", dtype=torch.bfloat16)
+    ids, mask, _ = padded_batch(LENGTHS)
+    additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+    with torch.no_grad():
+        expected = ref(ids, mask).last_hidden_state
+        got = mine(ids, additive.expand(-1, 1, ids.shape[1], -1), output_attentions=True).last_hidden_state.float()
+    real = mask.bool()
+    assert (got - expected)[real].abs().max() < 0.1 * expected[real].abs().max()  # bf16, same function
+
+
 def test_dropout_follows_train_and_eval(tmp_path):
     _, mine = load_pair(tmp_path, "RobertaModel")
     ids, mask, _ = padded_batch(LENGTHS)

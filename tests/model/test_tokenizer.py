@@ -240,6 +240,28 @@ def test_bad_arguments(roberta):
         roberta(["x", "y"], ["z"])
 
 
+def test_only_right_padding_and_truncation_can_be_set(roberta):
+    roberta.padding_side = roberta.truncation_side = "right"
+    for side in ("padding_side", "truncation_side"):
+        with pytest.raises(ValueError, match="right only"):
+            setattr(roberta, side, "left")
+        assert getattr(roberta, side) == "right"
+
+
+def test_vocab_files_with_add_prefix_space(tmp_path, bpe_dir, reviews):
+    """tokenizer_config.json's add_prefix_space applies to a tokenizer built from vocab.json +
+    merges.txt (with tokenizer.json the saved pre-tokenizer rules, module docstring)."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(bpe_dir / name, tmp_path / name)
+    (tmp_path / "tokenizer_config.json").write_text('{"add_prefix_space": true}')
+    ref = RobertaTokenizerFast.from_pretrained(
+        str(tmp_path), mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True))
+    texts = ["Hello world", "<mask> starts it", reviews[0]]
+    expected = ref(texts, ["and a pair"] * 3)
+    assert ref.convert_ids_to_tokens(expected["input_ids"][0])[1].startswith("Ġ")  # the option is in effect
+    assert_same(RobertaTokenizer.from_pretrained(tmp_path)(texts, ["and a pair"] * 3), expected)
+
+
 def test_roberta_decode(roberta, roberta_ref, reviews):
     texts = EDGE_TEXTS + reviews[:5]
     batch = roberta_ref(texts, padding=True)["input_ids"]
