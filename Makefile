@@ -6,7 +6,8 @@ PY := .venv/bin/python
 .venv/installed: pyproject.toml
 	python3 -m venv .venv
 	# torch first, pinned: the local CPU wheel. A bare `torch` would pull a multi-GB CUDA build.
-	.venv/bin/pip install -q torch==2.13.0
+	# Where pip sees only PyPI: make TORCH_FROM='--index-url https://download.pytorch.org/whl/cpu' ...
+	.venv/bin/pip install -q torch==2.13.0 $(TORCH_FROM)
 	.venv/bin/pip install -q -e '.[test]'
 	touch $@
 

@@ -28,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--id-column", default="id", help="id column kept in the output (default: id; derived from file and row if absent)")
     io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output")
     io.add_argument("--overwrite", action="store_true", help="replace results already in --output (default: keep finished shards, run the rest)")
+    io.add_argument("--prune", action="store_true",
+                    help="delete the results of input files no longer listed (deleted or renamed since); default: keep them, listed as stale_shards")
     io.add_argument("--skip-bad-files", action="store_true", help="run without input files that are not readable Parquet; the summary lists them")
     io.add_argument("--max-failed-fraction", type=float, default=0.01,
                     help="stop with an error when more than this fraction of rows fails (default: 0.01); failures are in the `error` column")
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency, task_options=task_options,
     )  # fmt: skip
     summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
-                  address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction)  # fmt: skip
+                  address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction,
+                  prune=args.prune)  # fmt: skip
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 

@@ -11,11 +11,13 @@ from pipeline.tokenize import InputError
 
 
 def as_dataset(data) -> ray.data.Dataset:
+    """Parquet paths are read with Ray Data's `row_hash` (file path and row position), the id a job
+    derives for input without one: the API's ids then equal a job's over the same paths."""
     init_ray()
     if isinstance(data, ray.data.Dataset):
         return data
     if isinstance(data, (str, list)):
-        return ray.data.read_parquet(data)
+        return ray.data.read_parquet(data, include_row_hash=True)
     if isinstance(data, pa.Table):
         return ray.data.from_arrow(data)
     if hasattr(data, "to_parquet"):  # pandas DataFrame, without importing pandas here
@@ -37,8 +39,10 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
     if not isinstance(schema, pa.Schema):  # a dataset of pandas blocks: look at one row as Arrow
         schema = ds.take_batch(1, batch_format="pyarrow").schema
     derive_id = check_schema(schema, options, "dataset")
-    if derive_id:  # a dataset has no file path and row position to derive one from
+    if derive_id and not isinstance(data, (str, list)):  # no file path and row position to derive one from
         raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
+    if derive_id:
+        ds = ds.rename_columns({"row_hash": id_column})
     return build(ds.select_columns(job_columns(options)), options)
 
 

@@ -143,8 +143,8 @@ class Options:
 
 @dataclass
 class Summary:
-    """The run report, also written to OUTPUT/_summary.json. Counts cover the whole output for the
-    current input (finished shards of earlier runs included); `*_run` and the speed cover this run."""
+    """The run report, also written to OUTPUT/_summary.json. Counts cover the whole output (finished
+    shards of earlier runs included, stale ones too); `*_run` and the speed cover this run."""
 
     task: str
     output: str
@@ -164,6 +164,8 @@ class Summary:
     method: str | None = None  # score: "causal" or "pseudo" (pseudo-log-likelihood)
     skipped_files: list[dict] = field(default_factory=list)  # --skip-bad-files: {file, error}
     abandoned_files: list[str] = field(default_factory=list)  # result files no marker named, deleted before running
+    stale_shards: list[str] = field(default_factory=list)  # inputs no longer listed whose results stay (counted above)
+    pruned_shards: list[str] = field(default_factory=list)  # inputs no longer listed whose results --prune deleted
     output_digest: str = ""  # of the commit markers the counts cover: equal digests, the same output
 
     def to_dict(self) -> dict:
@@ -331,12 +333,14 @@ def settings(options: Options) -> dict:
 
 def run(input: str | list[str], output: str, options: Options, overwrite: bool = False,
         storage_options: dict | None = None, address: str | None = None, skip_bad_files: bool = False,
-        max_failed_fraction: float = 0.01) -> Summary:  # fmt: skip
+        max_failed_fraction: float = 0.01, prune: bool = False) -> Summary:  # fmt: skip
     """Run one job, Parquet in, Parquet out, exactly once per input row (see pipeline/shards.py):
     shards finished by an earlier run with the same model and settings are reused, the rest run.
-    A run that fails any number of rows above `max_failed_fraction` stops with an error."""
+    A run that fails any number of rows above `max_failed_fraction` stops with an error.
+    Results of shards no longer in the input (deleted or renamed since) stay and are listed as
+    `stale_shards`, or with `prune` are deleted (`pruned_shards`)."""
     task, specials = check_job(options, address)
-    fs, inputs = storage.parquet_files(input, storage_options)
+    fs, inputs = storage.parquet_files(input, storage_options, output=output)
     out = shards.Output(output, storage_options)
     out.check_ours(overwrite)
     job = {"model": shards.model_digest(options.model), "settings": settings(options)}
@@ -345,10 +349,13 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             out.clear()
         markers = out.markers()
         for marker in markers.values():
-            if {"model": marker["model"], "settings": marker["settings"]} != job:
-                raise FileExistsError(f"output {output} holds results of another model or other settings ({marker['output'] or marker['input']} "
-                                      f"was made with {marker['settings']}, model sha256 {marker['model'][:12]}); they are never mixed: "
-                                      "choose a new --output, or pass --overwrite to replace them")  # fmt: skip
+            check_same_job(marker, job, output)
+        listed = {shards.shard_key(s.path) for s in inputs}
+        stale = sorted(m["input"] for m in markers.values() if m["key"] not in listed)
+        if prune:  # their result files then go as any file without a marker does (`clean`)
+            for key in [k for k in markers if k not in listed]:
+                del markers[key]
+                out.remove(out.join(shards.MANIFEST, f"{key}.json"))
         entries = out.entries()
         present = set(entries)
         finished = {m["key"]: m for m in markers.values() if m["output"] is None or m["output"] in present}
@@ -368,7 +375,8 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             out.drop_staging()
             wall = time.perf_counter() - start
             finished.update({m["key"]: m for m in new})
-            current = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
+            kept = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
+            current = kept + [m for k, m in finished.items() if k not in listed]  # the whole output
             totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
             digest = output_digest(current)
             if current:
@@ -378,11 +386,12 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
                               truncated_rows=totals.get("truncated_rows", 0), empty_texts=totals.get("empty_texts", 0),
                               failed_rows=totals.get("failed_rows", 0), duplicate_ids=totals.get("duplicate_ids", 0),
-                              shards=len(inputs), shards_run=len(new), shards_reused=len(current) - len(new),
+                              shards=len(inputs), shards_run=len(new), shards_reused=len(kept) - len(new),
                               rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
                               tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
                               ray_start_seconds=round(ray_start, 3), method=method, skipped_files=skipped,
-                              abandoned_files=abandoned, output_digest=digest)  # fmt: skip
+                              abandoned_files=abandoned, output_digest=digest,
+                              **({"pruned_shards": stale} if prune else {"stale_shards": stale}))  # fmt: skip
             out.put(out.join(storage.SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode())
         except (InputError, shards.OutputLocked):
             raise
@@ -391,6 +400,19 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
                                  "Shards committed before the failure are kept; rerun the same command to run the rest "
                                  "(each input row ends up in the output exactly once)") from e  # fmt: skip
     return summary
+
+
+def check_same_job(marker: dict, job: dict, output: str) -> None:
+    """Results of another model or other settings are never mixed with this job's: name what differs."""
+    theirs = marker["settings"]
+    changed = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in job["settings"].items() if theirs.get(k) != v]
+    changed += [f"{k}: {v!r} there, not set now" for k, v in theirs.items() if k not in job["settings"]]
+    if marker["model"] != job["model"]:
+        changed.insert(0, f"model files: sha256 {marker['model'][:12]} there, {job['model'][:12]} now")
+    if changed:
+        raise FileExistsError(f"output {output} holds results of another model or other settings (made for {marker['input']}); "
+                              f"they are never mixed. Differences: {'; '.join(changed)}. Choose a new --output, or pass "
+                              "--overwrite to replace them")  # fmt: skip
 
 
 def is_finished(shard: Shard, marker: dict | None) -> bool:

@@ -11,12 +11,16 @@ An output (a local directory or an s3:// prefix) holds:
 
 Inference writes each block's results as a piece under _staging and tells the driver; once the
 driver has heard of every row of a shard (row counts come from the Parquet footers), it merges the
-pieces into a temporary file under _staging, writes the shard's marker, and moves the file into
-place: the commit point, atomic (a rename locally, a server-side copy on S3). So:
+pieces into a temporary file under _staging and commits (`Output.commit`): it deletes the shard's
+old marker, if any, moves the file into place (atomic: a rename locally, a server-side copy on
+S3; it replaces an older result of the same shard whole), then writes the new marker. A marker
+therefore always describes the file beside it, and a result file without one is an attempt that
+did not finish (the next run deletes it, `Output.clean`). So:
 
-- a reader sees whole files only, each one a committed shard's: rows of an unfinished shard or of
-  an abandoned attempt are never in the output; a marker whose file never appeared (a job killed
-  between the two) does not count as finished, and the next run redoes that shard;
+- a reader sees whole files only, each one a shard's: rows of an unfinished shard or of an
+  abandoned attempt are never mixed into a file; a job killed mid-commit leaves a shard without a
+  marker, and the next run redoes it (also when the old marker's shard had since changed: with the
+  marker written before the move, a kill in between left the old file looking committed);
 - rerunning the same command (after a killed driver, a lost node, a storage outage) skips shards
   whose marker matches and redoes the rest: finished shards are reused, in-flight ones recomputed;
 - a scheduled rerun processes only new or changed shards (size or version differ), and a marker
@@ -127,6 +131,13 @@ class Output:
         else:
             self.fs.pipe_file(path, data)  # one PUT: the object appears whole
 
+    def remove(self, path: str) -> None:
+        """Delete a file if it is there (one request: no existence check first)."""
+        try:
+            self.fs.rm(path)
+        except FileNotFoundError:
+            pass
+
     def markers(self) -> dict[str, dict]:
         """Commit markers by shard key."""
         files = self.fs.glob(self.join(MANIFEST, "*.json"))
@@ -150,7 +161,9 @@ class Output:
 
     def commit(self, shard: Shard, pieces: list[str], marker: dict, id_column: str, special_tokens: int) -> dict:
         """Merge a shard's pieces into its result file (streamed: one piece in memory at a time),
-        atomically, then write its marker. Returns the marker with the shard's counts."""
+        put it in place atomically, then write its marker (the order: module docstring). An empty
+        shard has no result file: an older one of the same shard is deleted. Returns the marker
+        with the shard's counts."""
         name = output_name(shard.path)
         counts = dict(rows=0, tokens=0, truncated_rows=0, empty_texts=0, failed_rows=0)
         ids = []
@@ -179,11 +192,14 @@ class Output:
         marker = {**marker, "key": shard_key(shard.path), "input": shard.path, "size": shard.size,
                   "version": shard.version, "output": name if pieces else None, "counts": counts,
                   "committed_at": time.time()}  # fmt: skip
-        self.put(self.join(MANIFEST, f"{marker['key']}.json"), json.dumps(marker, indent=1).encode())
+        marker_path = self.join(MANIFEST, f"{marker['key']}.json")
+        self.remove(marker_path)  # an older result of this shard counts as unfinished from here on
         if pieces:
-            # The commit point: the file appears whole (a rename locally, a server-side copy on S3).
-            # Marker first, so that no visible result file ever lacks one.
-            self.fs.mv(target, self.join(name))
+            self.fs.mv(target, self.join(name))  # the file appears whole, replacing an older one whole
+        else:
+            self.remove(self.join(name))
+        self.put(marker_path, json.dumps(marker, indent=1).encode())  # the commit point
+        if pieces:
             self.fs.rm(pieces)
         return marker
 

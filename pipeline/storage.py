@@ -7,6 +7,7 @@ botocore) or `storage_options` passed by the caller. They are never logged or wr
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 
 import fsspec
@@ -50,20 +51,37 @@ class Shard:
     version: str
 
 
-def parquet_files(uri: str | list[str], storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[Shard]]:
-    """Every Parquet file named by a path, directory, glob or list of them; a clear error when none."""
+def under(path: str, directory: str) -> bool:
+    directory = directory.rstrip("/")
+    return path == directory or path.startswith(directory + "/")
+
+
+def parquet_files(uri: str | list[str], storage_options: dict | None = None,
+                  output: str | None = None) -> tuple[fsspec.AbstractFileSystem, list[Shard]]:  # fmt: skip
+    """Every Parquet file named by a path, directory, glob or list of them; a clear error when none.
+
+    Like pyarrow's dataset discovery, files and folders whose names start with _ or . (markers,
+    summaries, staging) are not data. `output`: the job's output, whose results are never input (an
+    output folder inside the input folder is left out of it; an input inside the output is an error)."""
     uris = [uri] if isinstance(uri, str) else list(uri)
     if not uris:
         raise FileNotFoundError("no input given: pass --input with a Parquet file, directory, glob or s3:// prefix")
     fs, _ = filesystem(uris[0], storage_options)
+    out_fs, out_path = filesystem(output, storage_options) if output else (None, None)
+    results = out_path if out_fs is not None and protocols(out_fs) == protocols(fs) else None
     shards = {}
     for u in uris:
         _, path = filesystem(u, storage_options)
-        if any(ch in path for ch in "*?[") or fs.isdir(path):
-            # Like pyarrow's dataset discovery: files starting with _ or . (markers, summaries) are not data.
-            found = fs.glob(path, detail=True) if any(ch in path for ch in "*?[") else fs.find(path, detail=True)
+        glob = any(ch in path for ch in "*?[")
+        root = posixpath.dirname(re.split(r"[*?\[]", path, maxsplit=1)[0]) if glob else path  # what it names lies below
+        if results is not None and under(root, results):
+            raise ValueError(f"input {u} lies inside the output {output}: results would be read back as input "
+                             "(and --overwrite would delete the input); choose an output outside the input")  # fmt: skip
+        if glob or fs.isdir(path):
+            found = fs.glob(path, detail=True) if glob else fs.find(path, detail=True)
             matches = {p: info for p, info in found.items()
-                       if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")) and info["type"] == "file"}  # fmt: skip
+                       if p.endswith(".parquet") and info["type"] == "file" and not hidden(posixpath.relpath(p, root))
+                       and not (results is not None and under(p, results))}  # fmt: skip
         elif fs.exists(path):
             matches = {path: fs.info(path)}
         else:
@@ -74,3 +92,8 @@ def parquet_files(uri: str | list[str], storage_options: dict | None = None) -> 
             info = matches[p]
             shards[p] = Shard(p, int(info["size"]), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
     return fs, list(shards.values())
+
+
+def hidden(relative_path: str) -> bool:
+    """A name starting with _ or . anywhere in the path below the input root (pyarrow's rule)."""
+    return any(part.startswith(("_", ".")) for part in relative_path.split("/"))

@@ -65,14 +65,14 @@ def test_other_model_or_settings_are_refused_never_mixed(ray_session, classify, 
     run(str(inp), str(out), classify)
     before = read(out)
 
-    with pytest.raises(FileExistsError, match="other settings .*never mixed.*--overwrite"):
+    with pytest.raises(FileExistsError, match="other settings .*never mixed. Differences: max_length: None there, 16 now.*--overwrite"):
         run(str(inp), str(out), Options(**{**classify.__dict__, "max_length": 16}))
     model = shutil.copytree(classify.model, tmp_path / "model")
     weights = bytearray((model / "model.safetensors").read_bytes())
     weights[-1] ^= 0xFF  # a different last weight: same shapes, other model
     (model / "model.safetensors").write_bytes(bytes(weights))
     retrained = Options(**{**classify.__dict__, "model": str(model)})
-    with pytest.raises(FileExistsError, match="another model"):
+    with pytest.raises(FileExistsError, match="another model .*Differences: model files: sha256"):
         run(str(inp), str(out), retrained)
     assert read(out).equals(before)  # nothing touched
 
@@ -178,8 +178,8 @@ def test_ids_and_values_never_choose_paths(ray_session, classify, tmp_path):
     assert sorted(pq.read_table(tmp_path / "out")["id"].to_pylist()) == ["../../escape", "/etc/passwd", "a/../../b"]
 
 
-def test_a_marker_whose_file_never_appeared_is_redone(ray_session, classify, reviews, tmp_path):
-    """A job killed between writing a shard's marker and moving its file into place."""
+def test_a_marker_whose_file_is_gone_is_redone(ray_session, classify, reviews, tmp_path):
+    """A result file deleted by hand (or by a version of this pipeline that wrote markers first)."""
     inp, out = tmp_path / "in", tmp_path / "out"
     for i in range(2):
         write(inp, f"part-{i}.parquet", range(5 * i, 5 * i + 5), reviews[5 * i : 5 * i + 5])
@@ -188,3 +188,25 @@ def test_a_marker_whose_file_never_appeared_is_redone(ray_session, classify, rev
     again = run(str(inp), str(out), classify)
     assert (again.shards_run, again.shards_reused, again.rows) == (1, 1, 10)
     assert read(out)["id"].to_pylist() == list(range(10))
+
+
+def test_inputs_gone_since_stay_listed_as_stale_or_are_pruned(ray_session, classify, reviews, tmp_path):
+    """A renamed input is a new shard, a deleted one has no input: the results of both earlier
+    names stay (listed and counted, so the renamed shard's ids show as duplicates) until --prune.
+    The output lies inside the input folder here: its results are never read back as input."""
+    inp = tmp_path / "in"
+    out = inp / "labels"
+    for i in range(3):
+        write(inp, f"part-{i}.parquet", range(10 * i, 10 * i + 10), reviews[10 * i : 10 * i + 10])
+    assert run(str(inp), str(out), classify).rows == 30
+    (inp / "part-2.parquet").rename(inp / "renamed.parquet")
+    (inp / "part-1.parquet").unlink()
+    gone = [str(inp / "part-1.parquet"), str(inp / "part-2.parquet")]
+
+    kept = run(str(inp), str(out), classify)
+    assert (kept.shards, kept.shards_run, kept.shards_reused, kept.rows, kept.duplicate_ids) == (2, 1, 1, 40, 10)
+    assert (kept.stale_shards, kept.pruned_shards) == (gone, [])
+    pruned = run(str(inp), str(out), classify, prune=True)
+    assert (pruned.shards_run, pruned.rows, pruned.duplicate_ids, pruned.stale_shards, pruned.pruned_shards) == (0, 20, 0, [], gone)
+    assert read(out)["id"].to_pylist() == list(range(10)) + list(range(20, 30))
+    assert run(str(inp), str(out), classify).stale_shards == []

@@ -91,6 +91,8 @@ def test_missing_id_column_derives_stable_ids(ray_session, checkpoints, tmp_path
     assert a.schema.field("id").type == pa.uint64()
     assert len(set(a["id"].to_pylist())) == corpus.num_rows
     assert set(a["id"].to_pylist()) == set(b["id"].to_pylist())
+    api = pipeline.classify(str(tmp_path / "in"), model=checkpoints["classifier"]).to_pandas()  # the same ids
+    assert sorted(api["id"]) == sorted(a["id"].to_pylist())
 
 
 def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):

@@ -59,6 +59,46 @@ def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
     assert empty["output"] is None and empty["counts"]["rows"] == 0
 
 
+def stage(out_dir, ids, name="0.parquet"):
+    piece = out_dir / "_staging" / "r" / name
+    piece.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(piece_table(ids), piece)
+    return [str(piece)]
+
+
+@pytest.mark.parametrize("killed_at", ["mv", "put"])
+def test_a_commit_killed_over_an_older_result_leaves_the_shard_unfinished(tmp_path, monkeypatch, killed_at):
+    """A changed shard's commit killed before or after its file moves into place: either way no
+    marker claims the file there, so the next run deletes it (`clean`) and redoes the shard. (Were
+    the new marker written before the move, a kill in between would leave the old file looking
+    committed for the new input.)"""
+    out_dir = tmp_path / "out"
+    out = shards.Output(str(out_dir))
+    old = out.commit(Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]), {"model": "m", "settings": {}}, "id", 2)
+    assert out.markers() == {old["key"]: old}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(out.fs if killed_at == "mv" else out, killed_at, killed)
+    with pytest.raises(KeyboardInterrupt):
+        out.commit(Shard("/in/p.parquet", 20, "v2"), stage(out_dir, [7, 8, 9]), {"model": "m", "settings": {}}, "id", 2)
+    monkeypatch.undo()
+    assert out.markers() == {}  # the old marker went first
+    ids = pq.read_table(out_dir / old["output"])["id"].to_pylist()
+    assert ids == ([1, 2] if killed_at == "mv" else [7, 8, 9])
+    assert out.clean({}, out.entries()) == [old["output"]] and not list(out_dir.glob("*.parquet"))
+
+
+def test_an_empty_shard_replaces_an_older_result(tmp_path):
+    out_dir = tmp_path / "out"
+    out = shards.Output(str(out_dir))
+    out.commit(Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]), {"model": "m", "settings": {}}, "id", 2)
+    emptied = out.commit(Shard("/in/p.parquet", 5, "v2"), [], {"model": "m", "settings": {}}, "id", 2)
+    assert emptied["output"] is None and not list(out_dir.glob("*.parquet"))
+    assert out.markers() == {emptied["key"]: emptied}
+
+
 def test_clean_deletes_abandoned_results_and_staging_only(tmp_path):
     out = shards.Output(str(tmp_path / "out"))
     kept = out.commit(Shard("/in/a.parquet", 1, "v"), [], {"model": "m", "settings": {}}, "id", 2)
