@@ -3,6 +3,8 @@
 
 Without RAY_ADDRESS or --address it starts an embedded local Ray sized to this machine; with one,
 it runs on that cluster. Prints the run summary as JSON (also written to OUTPUT/_summary.json).
+Exit status: 0 done; 1 a job interrupted by a fault (rerun it: finished shards are kept); 2 what
+must be fixed first (input, checkpoint, flags, output), said in one line without a traceback.
 Rerunning a command resumes it: shards finished with the same model and settings are kept, new,
 changed or unfinished ones run (exactly once per input row; see pipeline/shards.py).
 """
@@ -13,7 +15,7 @@ import argparse
 import json
 import sys
 
-from pipeline import Options, TaskOptions, run
+from pipeline import JobInterrupted, Options, TaskOptions, run
 from pipeline.tasks import TASKS
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         storage_options = json.loads(args.storage_options)
     except json.JSONDecodeError as e:
         cli.error(f"--storage-options {args.storage_options!r} is not valid JSON ({e}); e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
+    if not isinstance(storage_options, dict):
+        cli.error(f"--storage-options {args.storage_options!r} must be a JSON object, e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
     task_options = TaskOptions(**{k: v for k, v in vars(args).items() if k in TaskOptions.__dataclass_fields__})
     options = Options(
         task=args.task, model=args.model, text_column=args.text_column, pair_column=args.pair_column,
@@ -82,9 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,
         concurrency=args.concurrency, task_options=task_options,
     )  # fmt: skip
-    summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
-                  address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction,
-                  prune=args.prune)  # fmt: skip
+    try:
+        summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
+                      address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction,
+                      prune=args.prune)  # fmt: skip
+    except JobInterrupted as e:
+        print(f"rayberta: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as e:  # the project's errors say what and what to do; a bug keeps its traceback
+        print(f"rayberta: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 

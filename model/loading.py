@@ -152,14 +152,14 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
-    """Build `cls(config, **kwargs)` on the meta device and assign the checkpoint's tensors to it.
-
-    dtype: float32 (default, as transformers), bfloat16 or float16; device: where tensors land."""
+def match_checkpoint(cls, local_dir, **kwargs):
+    """Build `cls(config, **kwargs)` on the meta device and match the checkpoint's keys to its
+    parameters by name and shape, from the safetensors headers only (no tensor is read, so a job's
+    driver checks a checkpoint this way in a fraction of a second). Raises one CheckpointError
+    listing every problem. Returns (model on meta, {our key: (file, checkpoint key)}, tied)."""
     local_dir = Path(local_dir)
     files = weight_files(local_dir)
     config = RobertaConfig.from_pretrained(local_dir)
-    dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
     check_tokenizer_fits(local_dir, config)
     if cls.__name__ != "RobertaModel" and config.model_type == "bert":
         raise CheckpointError(
@@ -177,30 +177,30 @@ def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
         expected.pop("lm_head.decoder.weight")
     lm_bias = "lm_head.bias" if config.tie_word_embeddings else "lm_head.decoder.bias"  # the copy the logits use
 
-    loaded, unexpected, mismatched = {}, [], []
+    sources, unexpected, mismatched = {}, [], []
     for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                known, ours = our_key(key, config.body_prefix)
-                if not known:
-                    unexpected.append(key)
-                if ours is None or (ours not in expected and _optional(ours)):  # dropped by design
-                    continue
-                if ours not in expected:
-                    unexpected.append(key)
-                    continue
-                tensor = f.get_tensor(key)
-                if tensor.shape != expected[ours].shape:
-                    mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[ours].shape)}")
-                    continue
-                if ours in loaded and ours == "lm_head.bias":  # the LM bias's second copy: keep the used one
-                    if key != lm_bias:
-                        continue
-                elif ours in loaded and not torch.equal(loaded[ours], tensor.to(dtype)):
-                    mismatched.append(f"{key}: differs from another key of the same parameter ({ours})")
-                loaded[ours] = tensor.to(dtype)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                                  "copy the checkpoint again (a partial download or copy truncates it)") from None  # fmt: skip
+        for key, shape in shapes.items():
+            known, ours = our_key(key, config.body_prefix)
+            if not known:
+                unexpected.append(key)
+            if ours is None or (ours not in expected and _optional(ours)):  # dropped by design
+                continue
+            if ours not in expected:
+                unexpected.append(key)
+            elif shape != tuple(expected[ours].shape):
+                mismatched.append(f"{key}: checkpoint {shape}, model {tuple(expected[ours].shape)}")
+            elif ours not in sources or (ours == "lm_head.bias" and key == lm_bias):  # the LM bias: the copy used
+                sources[ours] = (file, key)
+            elif ours != "lm_head.bias":
+                mismatched.append(f"{key}: a second key of the same parameter ({ours}, also {sources[ours][1]})")
     # Named as the checkpoint would name them (as save_pretrained writes this class).
-    missing = sorted(checkpoint_key(k, "" if is_base else config.body_prefix + ".") for k in set(expected) - set(loaded))
+    missing = sorted(checkpoint_key(k, "" if is_base else config.body_prefix + ".") for k in set(expected) - set(sources))
     if unexpected or missing or mismatched:
         lines = [f"cannot load {local_dir} into {cls.__name__} (config: {config.model_type}, {config.num_hidden_layers} layers):"]
         lines += [f"  unexpected keys (not part of this architecture): {sorted(set(unexpected))}"] if unexpected else []
@@ -209,8 +209,20 @@ def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
         if missing and any(k.startswith(("pooler.", "roberta.pooler.")) for k in missing):
             lines.append("  (this checkpoint has no pooler: load RobertaModel with add_pooling_layer=False)")
         raise CheckpointError("\n".join(lines))
+    return model, sources, tied
 
-    if is_base:
+
+def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
+    """`match_checkpoint`, then assign the checkpoint's tensors to the model built on meta.
+
+    dtype: float32 (default, as transformers), bfloat16 or float16; device: where tensors land."""
+    dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
+    model, sources, tied = match_checkpoint(cls, local_dir, **kwargs)
+    loaded = {}
+    for file in dict.fromkeys(file for file, _ in sources.values()):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            loaded |= {ours: f.get_tensor(key).to(dtype) for ours, (source, key) in sources.items() if source == file}
+    if not hasattr(model, "roberta"):  # a base model: its keys without the head classes' prefix
         loaded = {k[len("roberta."):]: v for k, v in loaded.items()}
     model.load_state_dict(loaded, strict=not tied, assign=True)
     if tied:
@@ -227,9 +239,9 @@ def check_tokenizer_fits(local_dir: Path, config: RobertaConfig) -> None:
     tokenizer_json = local_dir / "tokenizer.json"
     if not tokenizer_json.is_file():
         return
-    from tokenizers import Tokenizer
+    from model.tokenizer import read_tokenizer_json
 
-    size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
+    size = read_tokenizer_json(tokenizer_json).get_vocab_size(with_added_tokens=True)
     if size > config.vocab_size:
         raise CheckpointError(
             f"{local_dir}: tokenizer.json has {size} tokens but config.json vocab_size is {config.vocab_size}; "

@@ -76,6 +76,13 @@ def default_max_length(model_config: dict, tokenizer_config: dict) -> int:
     return 512
 
 
+def read_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception ("Model missing. at line 1 column 2")
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e}); copy the checkpoint's tokenizer again") from None
+
+
 def _bpe_backend(directory: Path, add_prefix_space: bool) -> Tokenizer:
     """RobertaTokenizerFast's backend, as transformers' converter builds it from vocab.json + merges.txt
     (add_prefix_space: tokenizer_config.json's, so "Hello" starts with the token of " Hello")."""
@@ -188,7 +195,7 @@ class RobertaTokenizer:
         model_config = _read_json(directory / "config.json")
 
         if (directory / "tokenizer.json").is_file():
-            backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            backend = read_tokenizer_json(directory / "tokenizer.json")
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             backend = _bpe_backend(directory, tokenizer_config.get("add_prefix_space", False))
         elif (directory / "vocab.txt").is_file():

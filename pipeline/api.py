@@ -31,7 +31,7 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
     task_fields = TaskOptions.__dataclass_fields__
     task_options = TaskOptions(**{k: v for k, v in settings.items() if k in task_fields})
     options = Options(task=task, model=str(model), text_column=text_column, id_column=id_column,
-                      keep_columns=tuple(keep_columns), task_options=task_options,
+                      keep_columns=(keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns), task_options=task_options,
                       **{k: v for k, v in settings.items() if k not in task_fields})  # fmt: skip
     check_job(options)
     ds = as_dataset(data)

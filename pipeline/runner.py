@@ -41,6 +41,7 @@ import ray
 import torch
 
 from model import RobertaTokenizer
+from model.loading import DTYPES
 from pipeline import shards, storage, workers
 from pipeline.stages import Infer
 from pipeline.tokenize import InputError, Tokenize, is_text
@@ -154,6 +155,7 @@ class Summary:
     empty_texts: int
     failed_rows: int  # rows with an `error` (their task columns are null)
     duplicate_ids: int  # rows beyond the first with their id, over the whole output
+    null_ids: int  # rows whose id is null (not counted as duplicates): nothing joins them back
     shards: int
     shards_run: int  # new, changed or unfinished shards processed by this run
     shards_reused: int  # finished by an earlier run and left as they were
@@ -220,7 +222,8 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs=dict(model_dir=options.model, text_column=options.text_column,
-                                   pair_column=options.pair_column, max_length=max_length),  # fmt: skip
+                                   pair_column=options.pair_column, max_length=max_length,
+                                   keep_columns=options.keep_columns),  # fmt: skip
         batch_format="pyarrow",
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(size=max(1, cpus // 4) if gpu else 1),
@@ -245,6 +248,14 @@ def check_job(options: Options, address: str | None = None) -> tuple[Task, int]:
     Returns the task and how many tokens an empty text (or pair of empty texts) becomes: its
     special tokens."""
     check_device(options.device, address)
+    if options.dtype not in DTYPES:
+        raise TaskError(f"--dtype {options.dtype!r}: choose one of {list(DTYPES)}")
+    for flag, value in (("--batch-tokens", options.batch_tokens), ("--concurrency", options.concurrency)):
+        if value is not None and value < 1:
+            raise TaskError(f"{flag} {value}: must be at least 1; leave it out for the default")
+    roles = [c for c in (options.text_column, options.pair_column, options.id_column) if c]
+    if len(set(roles)) < len(roles):
+        raise TaskError(f"--text-column, --pair-column and --id-column must name different columns, not {roles}")
     task = make_task(options.task, options.model, options.task_options)
     config = task.check()
     tokenizer = RobertaTokenizer.from_pretrained(options.model)
@@ -275,6 +286,10 @@ def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
     if PATH in (options.text_column, options.pair_column, options.id_column, *options.keep_columns):
         raise InputError(f"{source}: the column name {PATH!r} is reserved for the input path; rename that column")
     if options.id_column in names:
+        id_type = schema.field(options.id_column).type
+        if pa.types.is_nested(id_type) or pa.types.is_dictionary(id_type):
+            raise InputError(f"{source}: id column {options.id_column!r} (--id-column) has type {id_type}; an id must be "
+                             "a plain value (an integer or a string) that each row's results can be joined on")  # fmt: skip
         return False
     if options.id_column != DEFAULT_ID:
         raise InputError(f"{source}: no id column {options.id_column!r} (--id-column); available columns: {names}")
@@ -339,6 +354,8 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     A run that fails any number of rows above `max_failed_fraction` stops with an error.
     Results of shards no longer in the input (deleted or renamed since) stay and are listed as
     `stale_shards`, or with `prune` are deleted (`pruned_shards`)."""
+    if not 0 <= max_failed_fraction <= 1:  # also refuses nan
+        raise TaskError(f"--max-failed-fraction {max_failed_fraction}: must be between 0 and 1")
     task, specials = check_job(options, address)
     fs, inputs = storage.parquet_files(input, storage_options, output=output)
     out = shards.Output(output, storage_options)
@@ -364,28 +381,28 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         footers, skipped = read_footers(fs, pending, skip_bad_files)
         if not markers and footers and sum(m.num_rows for m in footers.values()) == 0:
             raise InputError(f"input {input} holds no rows ({len(inputs)} Parquet file(s), all empty)")
+        todo = {s: m for s, m in footers.items() if m.num_rows}
+        derive_id = check_shards(todo, options) if todo else False  # before Ray starts: a bad column fails fast
         start = time.perf_counter()
         ray_start, method = 0.0, getattr(task, "method", None)
         if any(m.num_rows for m in footers.values()):
             ray_start = init_ray(address, [fs, out.fs])
             start = time.perf_counter()
         try:
-            new = run_shards(fs, footers, out, options, {**job, "run": lease.run}, lease, storage_options, max_failed_fraction,
-                             specials)  # fmt: skip
+            new = run_shards(fs, footers, derive_id, out, options, {**job, "run": lease.run}, lease, storage_options,
+                             max_failed_fraction, specials)  # fmt: skip
             out.drop_staging()
             wall = time.perf_counter() - start
             finished.update({m["key"]: m for m in new})
             kept = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
             current = kept + [m for k, m in finished.items() if k not in listed]  # the whole output
-            totals = {k: sum(m["counts"][k] for m in current) for k in current[0]["counts"]} if current else {}
+            totals = {k: sum(m["counts"].get(k, 0) for m in current) for k in shards.COUNTS}  # older markers lack null_ids
             digest = output_digest(current)
             if current:
                 totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, digest, new)
-            check_failures(totals.get("failed_rows", 0), totals.get("rows", 0), max_failed_fraction, final=True)
+            check_failures(totals["failed_rows"], totals["rows"], max_failed_fraction, final=True)
             tokens_run = sum(m["counts"]["tokens"] for m in new)
-            summary = Summary(task=options.task, output=output, rows=totals.get("rows", 0), tokens=totals.get("tokens", 0),
-                              truncated_rows=totals.get("truncated_rows", 0), empty_texts=totals.get("empty_texts", 0),
-                              failed_rows=totals.get("failed_rows", 0), duplicate_ids=totals.get("duplicate_ids", 0),
+            summary = Summary(task=options.task, output=output, **totals,
                               shards=len(inputs), shards_run=len(new), shards_reused=len(kept) - len(new),
                               rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
                               tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
@@ -396,10 +413,19 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         except (InputError, shards.OutputLocked):
             raise
         except Exception as e:  # a lost node, a storage outage, a killed actor beyond retries...
-            raise JobInterrupted(f"job writing {output} stopped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-                                 "Shards committed before the failure are kept; rerun the same command to run the rest "
-                                 "(each input row ends up in the output exactly once)") from e  # fmt: skip
+            raise JobInterrupted(f"job writing {output} stopped: {root_cause(e)}\nShards committed before the failure are "
+                                 "kept. If the cause was passing (a lost node, a storage outage), rerun the same command "
+                                 "to run the rest (each input row ends up in the output exactly once)") from e  # fmt: skip
     return summary
+
+
+def root_cause(error: BaseException, limit: int = 2000) -> str:
+    """The innermost error, as "Type: message": Ray wraps a worker's error (RayTaskError's `cause`,
+    Ray Data's UserCodeException's `__cause__`), and the wrappers' first lines name only the task."""
+    while isinstance(inner := getattr(error, "cause", None) or error.__cause__, BaseException) and inner is not error:
+        error = inner
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message[:limit]}{' [...]' if len(message) > limit else ''}"
 
 
 def check_same_job(marker: dict, job: dict, output: str) -> None:
@@ -419,11 +445,13 @@ def is_finished(shard: Shard, marker: dict | None) -> bool:
     return marker is not None and marker["input"] == shard.path and (marker["size"], marker["version"]) == (shard.size, shard.version)
 
 
-def run_shards(fs, footers: dict[Shard, pq.FileMetaData], out: shards.Output, options: Options, marker: dict,
-               lease: shards.Lease, storage_options: dict | None, max_failed_fraction: float, specials: int) -> list[dict]:  # fmt: skip
+def run_shards(fs, footers: dict[Shard, pq.FileMetaData], derive_id: bool, out: shards.Output, options: Options,
+               marker: dict, lease: shards.Lease, storage_options: dict | None, max_failed_fraction: float,
+               specials: int) -> list[dict]:  # fmt: skip
     """Stream the shards through the pipeline and commit each as soon as all its rows are written.
     Commits run on driver threads (I/O bound) while inference goes on. Returns the new markers.
-    specials: the tokens of an empty text (`check_job`), to count empty texts."""
+    derive_id: `check_shards`'s answer; specials: the tokens of an empty text (`check_job`), to
+    count empty texts. A shard whose rows did not all come back is an error, never a silent loss."""
     by_key = {shards.shard_key(s.path): s for s in footers}
     expected = {k: footers[s].num_rows for k, s in by_key.items()}
     commit = partial(out.commit, marker=marker, id_column=options.id_column, special_tokens=specials)
@@ -431,7 +459,6 @@ def run_shards(fs, footers: dict[Shard, pq.FileMetaData], out: shards.Output, op
         commits = [pool.submit(commit, s, []) for s in footers if footers[s].num_rows == 0]
         todo = [s for s in footers if footers[s].num_rows]
         if todo:
-            derive_id = check_shards({s: footers[s] for s in todo}, options)
             pieces, seen, failed = defaultdict(list), Counter(), 0
             for batch in pieces_dataset(fs, todo, out, options, derive_id, storage_options, lease.run).iter_batches(
                     batch_format="pyarrow", batch_size=None):  # fmt: skip
@@ -444,6 +471,11 @@ def run_shards(fs, footers: dict[Shard, pq.FileMetaData], out: shards.Output, op
                         commits.append(pool.submit(commit, by_key[key], pieces.pop(key)))
                 check_failures(failed, sum(seen.values()), max_failed_fraction, final=False)
             check_failures(failed, sum(seen.values()), max_failed_fraction, final=True)
+            short = [f"{s.path} ({seen[k]} of {expected[k]} rows)" for k, s in by_key.items() if seen[k] != expected[k]]
+            if short:
+                raise InputError(f"Ray Data's read returned fewer rows than the Parquet footers promise for {', '.join(short)}; "
+                                 "nothing of these files was committed. A name Ray Data misreads (a '?' starts a URL "
+                                 "query) or a file rewritten during the run does this: rename the file or rerun")  # fmt: skip
         return [c.result() for c in commits]
 
 
@@ -461,7 +493,8 @@ def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, 
                    storage_options: dict | None, run: str) -> ray.data.Dataset:  # fmt: skip
     """read_parquet -> Tokenize -> Infer -> write pieces: a dataset of (shard, piece, rows, failed)."""
     columns = [c for c in job_columns(options) if not (derive_id and c == options.id_column)]
-    ds = ray.data.read_parquet([s.path for s in todo], filesystem=storage.arrow_filesystem(fs),
+    # partitioning=None: a folder named like `text=foo/` is not a column (the footers' checks saw none).
+    ds = ray.data.read_parquet([s.path for s in todo], filesystem=storage.arrow_filesystem(fs), partitioning=None,
                                columns=columns, include_paths=True, include_row_hash=derive_id, num_cpus=0.25)  # fmt: skip
     if derive_id:
         ds = ds.rename_columns({"row_hash": options.id_column})
@@ -497,4 +530,4 @@ def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, diges
     if not files:
         return 0
     ids = pads.dataset(files, filesystem=out.arrow_fs, format="parquet").to_table(columns=[id_column])[id_column]
-    return len(ids) - pc.count_distinct(ids).as_py()
+    return len(ids) - ids.null_count - pc.count_distinct(ids).as_py()

@@ -53,6 +53,8 @@ from pipeline import storage
 from pipeline.storage import Shard
 
 MANIFEST, STAGING, LOCK = "_manifest", "_staging", "_lock.json"
+# A shard's counts, in its marker (a run's summary adds them up).
+COUNTS = ("rows", "tokens", "truncated_rows", "empty_texts", "failed_rows", "null_ids", "duplicate_ids")
 OWN_ENTRIES = {MANIFEST, STAGING, LOCK, storage.SUMMARY_FILE}
 
 
@@ -102,12 +104,12 @@ class Output:
     def entries(self) -> list[str]:
         if not self.fs.exists(self.path):
             return []
-        if not self.fs.isdir(self.path):
-            return [self.path]
         return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)]
 
     def check_ours(self, overwrite: bool) -> None:
         """Refuse to write into a location holding anything but results of this pipeline."""
+        if self.fs.isfile(self.path):
+            raise FileExistsError(f"output {self.uri} is a file; --output names a directory (or an s3:// prefix)")
         entries = self.entries()
         foreign = [e for e in entries if e not in OWN_ENTRIES and not e.startswith(LOCK)]  # also a lease's aside copy
         if foreign and MANIFEST not in entries and not overwrite:
@@ -142,7 +144,15 @@ class Output:
         """Commit markers by shard key."""
         files = self.fs.glob(self.join(MANIFEST, "*.json"))
         contents = self.fs.cat(files) if files else {}  # one concurrent request per marker on S3
-        return {m["key"]: m for m in (json.loads(c) for c in contents.values())}
+        markers = {}
+        for path, content in contents.items():
+            try:
+                marker = json.loads(content)
+                markers[marker["key"]] = marker
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"commit marker {path} is damaged (not this pipeline's JSON); delete it and rerun: its "
+                                 "shard is then redone, and its result file, which no marker names then, deleted") from None  # fmt: skip
+        return markers
 
     def clean(self, markers: dict[str, dict], entries: list[str]) -> list[str]:
         """Delete result files no marker names (left by another pipeline version or a run whose
@@ -165,7 +175,7 @@ class Output:
         shard has no result file: an older one of the same shard is deleted. Returns the marker
         with the shard's counts."""
         name = output_name(shard.path)
-        counts = dict(rows=0, tokens=0, truncated_rows=0, empty_texts=0, failed_rows=0)
+        counts = dict.fromkeys(COUNTS, 0)
         ids = []
         target = self.join(STAGING, f"{name}.{uuid.uuid4().hex}.tmp")
         if pieces:
@@ -188,7 +198,8 @@ class Output:
             finally:  # also on an error: an open writer holds a file handle (on S3, an upload)
                 if writer is not None:
                     writer.close()
-        counts["duplicate_ids"] = counts["rows"] - (pc.count_distinct(pa.chunked_array(ids)).as_py() if ids else 0)
+        counts["null_ids"] = sum(column.null_count for column in ids)
+        counts["duplicate_ids"] = counts["rows"] - counts["null_ids"] - (pc.count_distinct(pa.chunked_array(ids)).as_py() if ids else 0)
         marker = {**marker, "key": shard_key(shard.path), "input": shard.path, "size": shard.size,
                   "version": shard.version, "output": name if pieces else None, "counts": counts,
                   "committed_at": time.time()}  # fmt: skip

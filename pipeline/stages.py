@@ -99,6 +99,10 @@ def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
     return min(MAX_BUDGET, 1 << max(int(tokens), MIN_BUDGET).bit_length() - 1)
 
 
+NON_FINITE = ("the model's output is not finite (NaN or inf), so no result is given: with --dtype float16 "
+              "activations can overflow; use bfloat16 or float32")
+
+
 class Infer:
     """Runs a task's model over each block: rows sorted by length, cut into micro-batches by a
     token budget, run, and put back in their original order. The model loads once per actor.
@@ -136,6 +140,16 @@ class Infer:
         inverse = np.argsort(np.concatenate(order))  # sorted position of each original row
         outputs = {k: to_host([p[k] for p in parts])[inverse] for k in parts[0]}
         errors = batch["error"] if "error" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+        non_finite = np.zeros(batch.num_rows, bool)  # NaN or inf in any float output of a row
+        for array in outputs.values():
+            if np.issubdtype(array.dtype, np.floating):
+                non_finite |= ~np.isfinite(array.reshape(len(array), -1)).all(1)
+        if non_finite.any():  # an argmax over NaN would still give a label: fail the row instead
+            errors = pc.if_else(pa.array(non_finite), pa.scalar(NON_FINITE, pa.string()), errors)
+            if "error" in batch.column_names:  # in place: every block's columns keep one order
+                batch = batch.set_column(batch.schema.get_field_index("error"), "error", errors)
+            else:
+                batch = batch.append_column("error", errors)
         failed = pc.is_valid(errors) if errors.null_count < batch.num_rows else None
         for name, array in self.task.columns(outputs).items():
             if failed is not None:

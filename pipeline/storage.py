@@ -72,7 +72,7 @@ def parquet_files(uri: str | list[str], storage_options: dict | None = None,
     shards = {}
     for u in uris:
         _, path = filesystem(u, storage_options)
-        glob = any(ch in path for ch in "*?[")
+        glob = any(ch in path for ch in "*?[") and not fs.exists(path)  # `run[1]/` that exists is a name
         root = posixpath.dirname(re.split(r"[*?\[]", path, maxsplit=1)[0]) if glob else path  # what it names lies below
         if results is not None and under(root, results):
             raise ValueError(f"input {u} lies inside the output {output}: results would be read back as input "

@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from model import RobertaConfig, RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
+from model.loading import match_checkpoint
 from model.roberta import POOLINGS, problem_type, sentence_embedding, to_device
 
 
@@ -94,14 +95,21 @@ class Task:
             )
         config = RobertaConfig.from_pretrained(self.model_dir)
         self.check_options(config)
+        cls, kwargs = self.model_class()
+        match_checkpoint(cls, self.model_dir, **kwargs)  # weights and tokenizer size, from the file headers
         return config
 
     def check_options(self, config: RobertaConfig) -> None:
         if self.options.stride is not None:
             raise TaskError(f"--stride is an option of the score task, not of {self.name!r}; leave it out")
 
-    def load(self, dtype, device) -> torch.nn.Module:
+    def model_class(self) -> tuple[type, dict]:
+        """The model class this task runs and its constructor arguments."""
         raise NotImplementedError
+
+    def load(self, dtype, device) -> torch.nn.Module:
+        cls, kwargs = self.model_class()
+        return cls.from_pretrained(self.model_dir, dtype=dtype, device=device, **kwargs)
 
     def cost(self, length: int) -> int:
         """Tokens one row of `length` tokens puts through the encoder (the token budget counts these)."""
@@ -133,8 +141,11 @@ class Classify(Task):
                             "gives every row probability 1; set problem_type to regression (a score) or "
                             "multi_label_classification (a sigmoid probability)")  # fmt: skip
 
+    def model_class(self):
+        return RobertaForSequenceClassification, {}
+
     def load(self, dtype, device):
-        model = RobertaForSequenceClassification.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        model = super().load(dtype, device)
         # The loss's rule, without labels to look at: an explicit problem_type wins, else one
         # output is regression and several are single-label.
         self.kind = problem_type(model.config, labels=None)
@@ -180,9 +191,8 @@ class Embed(Task):
         if self.options.embedding_dtype not in self.EMBEDDING_DTYPES:
             raise TaskError(f"embedding_dtype {self.options.embedding_dtype!r}: choose one of {self.EMBEDDING_DTYPES}")
 
-    def load(self, dtype, device):
-        pooler = self.options.pooling == "pooler"
-        return RobertaModel.from_pretrained(self.model_dir, dtype=dtype, device=device, add_pooling_layer=pooler)
+    def model_class(self):
+        return RobertaModel, {"add_pooling_layer": self.options.pooling == "pooler"}
 
     def run(self, model, ids, mask, lengths, budget):
         e = sentence_embedding(model(ids, mask, lengths=lengths), mask, self.options.pooling, self.options.normalize)
@@ -204,9 +214,12 @@ class FillMask(Task):
         if self.options.top_k < 1:
             raise TaskError(f"--top-k {self.options.top_k}: must be at least 1")
 
+    def model_class(self):
+        return RobertaForMaskedLM, {}
+
     def load(self, dtype, device):
         self.tokenizer = RobertaTokenizer.from_pretrained(self.model_dir)
-        return RobertaForMaskedLM.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        return super().load(dtype, device)
 
     def run(self, model, ids, mask, lengths, budget):
         at_mask = ids == self.tokenizer.mask_token_id  # (B, T)
@@ -258,11 +271,13 @@ class Score(Task):
                             "is bidirectional and would see every token it scores; set is_decoder to true if the "
                             "model was trained left to right")  # fmt: skip
 
+    def model_class(self):
+        return (RobertaForCausalLM if self.method == "causal" else RobertaForMaskedLM), {}
+
     def load(self, dtype, device):
         if self.method == "pseudo":
             self.mask_token_id = RobertaTokenizer.from_pretrained(self.model_dir).mask_token_id
-        cls = RobertaForCausalLM if self.method == "causal" else RobertaForMaskedLM
-        model = cls.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        model = super().load(dtype, device)
         self.window = model.config.max_tokens
         return model
 

@@ -21,7 +21,10 @@ class InputError(ValueError):
 
 
 def is_text(type_: pa.DataType) -> bool:
-    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    """Strings, also dictionary-encoded (pandas' category) or all null (Arrow's null type)."""
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_null(type_)
 
 
 def text_column(batch: pa.Table, name: str) -> tuple[list[str], list[str | None]]:
@@ -34,6 +37,8 @@ def text_column(batch: pa.Table, name: str) -> tuple[list[str], list[str | None]
         raise InputError(
             f"column {name!r} has type {column.type}, expected strings; pass --text-column with the column that holds the text"
         )
+    if pa.types.is_dictionary(column.type) or pa.types.is_null(column.type):
+        column = column.cast(pa.string())
     column = pc.fill_null(column, "")
     try:
         return column.to_pylist(), [None] * len(column)
@@ -51,12 +56,14 @@ def text_column(batch: pa.Table, name: str) -> tuple[list[str], list[str | None]
 
 class Tokenize:
     """Adds `input_ids` (list<int32>), `input_tokens` (int32), `truncated` (bool) and `error`
-    (string, null unless the row failed); drops the text. A row that fails is tokenized as an empty
+    (string, null unless the row failed); drops the text (unless `keep_columns` lists it). A row that fails is tokenized as an empty
     text and carries its error, so one bad row never fails its batch."""
 
-    def __init__(self, model_dir: str, text_column: str = "text", pair_column: str | None = None, max_length: int | None = None):
+    def __init__(self, model_dir: str, text_column: str = "text", pair_column: str | None = None, max_length: int | None = None,
+                 keep_columns=()):  # fmt: skip
         self.tokenizer = RobertaTokenizer.from_pretrained(model_dir)
         self.text, self.pair = text_column, pair_column
+        self.drop = [c for c in (text_column, pair_column) if c and c not in keep_columns]
         self.max_length = max_length or self.tokenizer.model_max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -67,7 +74,7 @@ class Tokenize:
             ids, offsets, truncated = self.tokenizer.encode_batch(texts, pairs, max_length=self.max_length)
         except Exception:  # noqa: BLE001 - find the failing rows one by one; the rest go on
             ids, offsets, truncated = self.encode_rows(texts, pairs, errors)
-        batch = batch.drop_columns([c for c in (self.text, self.pair) if c])
+        batch = batch.drop_columns(self.drop)
         batch = batch.append_column(TOKENS, pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int32())))
         batch = batch.append_column("input_tokens", pa.array(np.diff(offsets), pa.int32()))
         batch = batch.append_column("truncated", pa.array(truncated, pa.bool_()))

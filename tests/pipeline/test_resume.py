@@ -210,3 +210,69 @@ def test_inputs_gone_since_stay_listed_as_stale_or_are_pruned(ray_session, class
     assert (pruned.shards_run, pruned.rows, pruned.duplicate_ids, pruned.stale_shards, pruned.pruned_shards) == (0, 20, 0, [], gone)
     assert read(out)["id"].to_pylist() == list(range(10)) + list(range(20, 30))
     assert run(str(inp), str(out), classify).stale_shards == []
+
+
+def test_odd_file_and_folder_names(ray_session, classify, checkpoints, reviews, tmp_path):
+    """A folder named like a Hive partition (`text=foo/`) is not a column; an input path with `[`
+    that exists is a name, not a glob; a null id is counted, not taken for a duplicate; the text
+    can be kept. A file whose rows Ray Data's read does not return (a `?` in its name starts a URL
+    query there) is an error naming it, never a silent loss."""
+    inp = tmp_path / "run[1]"
+    (inp / "text=foo").mkdir(parents=True)
+    write(inp / "text=foo", "p.parquet", [1, None, 3], reviews[:3])
+    summary = run(str(inp), str(tmp_path / "out"), Options(**{**classify.__dict__, "keep_columns": ("text",)}))
+    assert (summary.rows, summary.null_ids, summary.duplicate_ids) == (3, 1, 0)
+    table = pq.read_table(tmp_path / "out")
+    table = table.take(np.argsort(table["text"].to_numpy(zero_copy_only=False)))
+    assert table["text"].to_pylist() == sorted(reviews[:3])
+    logits = reference.classify(checkpoints["classifier"], table["text"].to_pylist())  # its own texts, not "foo"
+    np.testing.assert_allclose(np.stack(table["probs"].to_numpy(zero_copy_only=False)),
+                               np.exp(logits) / np.exp(logits).sum(1, keepdims=True), atol=ATOL)  # fmt: skip
+
+    odd = tmp_path / "odd"
+    write(odd, "good.parquet", [1, 2], reviews[:2])
+    write(odd, "q?.parquet", [3, 4], reviews[2:4])
+    with pytest.raises(InputError, match=r"fewer rows than the Parquet footers promise for .*/odd/q\?.parquet \(0 of 2 rows\); nothing"):
+        run(str(odd), str(tmp_path / "odd-out"), classify)
+    assert pq.read_table(tmp_path / "odd-out")["id"].to_pylist() == [1, 2]  # the other file is committed
+
+
+def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp_path, monkeypatch):
+    """Flags out of range, one column in two roles, an id no result can be joined on, a damaged
+    checkpoint or commit marker, an output that is a file: a clear error before any data moves."""
+    import ray
+
+    from model import CheckpointError
+    from pipeline import runner
+
+    monkeypatch.setattr(runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the shared test cluster must not count
+    inp, out = tmp_path / "in", str(tmp_path / "out")
+    write(inp, "part-0.parquet", range(3), reviews[:3])
+    for change, message in [({"dtype": "int8"}, "--dtype 'int8'"), ({"concurrency": 0}, "--concurrency 0: must be at least 1"),
+                            ({"batch_tokens": -5}, "--batch-tokens -5"), ({"id_column": "text"}, "must name different columns")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            run(str(inp), out, Options(**{**classify.__dict__, **change}))
+    for fraction in (-1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="--max-failed-fraction .*between 0 and 1"):
+            run(str(inp), out, classify, max_failed_fraction=fraction)
+
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    pq.write_table(pa.table({"id": [[1], [2]], "text": reviews[:2]}), nested / "p.parquet")
+    with pytest.raises(InputError, match=r"id column 'id' \(--id-column\) has type list<element: int64>; an id must be"):
+        run(str(nested), out, classify)
+
+    model = shutil.copytree(classify.model, tmp_path / "model")
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        run(str(inp), out, Options(**{**classify.__dict__, "model": str(model)}))
+
+    (tmp_path / "out" / "_manifest").mkdir(parents=True)
+    (tmp_path / "out" / "_manifest" / "abc.json").write_text('{"key": "abc", "inp')
+    with pytest.raises(ValueError, match=r"commit marker .*_manifest/abc.json is damaged .*delete it and rerun"):
+        run(str(inp), out, classify)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="output .*file is a file"):
+        run(str(inp), str(tmp_path / "file"), classify)

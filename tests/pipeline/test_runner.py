@@ -270,6 +270,18 @@ def test_cli_names_a_bad_storage_options_flag(capsys):
     assert "--storage-options '{endpoint_url: x}' is not valid JSON" in capsys.readouterr().err
 
 
+def test_cli_says_what_to_fix_in_one_line(checkpoints, shards, tmp_path, capsys):
+    from jobs.cli import main
+
+    flags = ["classify", "--model", str(checkpoints["classifier"]), "--input", str(shards), "--output", str(tmp_path / "out")]
+    assert main([*flags, "--text-column", "body"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayberta: error: ") and "no column 'body' (--text-column)" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main([*flags, "--storage-options", "[1, 2]"])
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
 def test_cli_runs_the_same_job(ray_session, checkpoints, shards, tmp_path, capsys):
     from jobs.cli import main
 

@@ -48,7 +48,7 @@ def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
     assert written["id"].to_pylist() == [1, 2, 3, 4, 5, 5]
     # Both rows of id 5 have only the 2 special tokens; the second failed, so it is not also empty.
     assert marker["counts"] == {"rows": 6, "tokens": 2 + 7 * 4 + 2, "truncated_rows": 1, "empty_texts": 1,
-                                "failed_rows": 1, "duplicate_ids": 1}  # fmt: skip
+                                "failed_rows": 1, "null_ids": 0, "duplicate_ids": 1}  # fmt: skip
     assert (marker["input"], marker["size"], marker["version"]) == (shard.path, 123, "v1")
     assert json.loads((tmp_path / "out" / "_manifest" / f"{marker['key']}.json").read_text()) == marker
     assert not any(os.path.exists(p) for p in pieces)

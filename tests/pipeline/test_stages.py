@@ -100,6 +100,30 @@ def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, mo
                                reference.classify(checkpoints["classifier"], texts), atol=ATOL)  # fmt: skip
 
 
+def test_a_row_whose_output_is_not_finite_fails_alone(checkpoints, texts, monkeypatch):
+    """A NaN (an fp16 overflow, say) would still give an argmax label: the row fails instead."""
+    tokens = Tokenize(str(checkpoints["classifier"]))(table(texts))
+    infer = Infer(str(checkpoints["classifier"]), "classify", TaskOptions(logits=True), device="cpu")
+    run, bad = infer.task.run, 3
+    target = torch.tensor(tokens["input_ids"][bad].as_py())
+
+    def overflowing(model, ids, mask, lengths, budget):
+        outputs = run(model, ids, mask, lengths, budget)
+        hit = torch.from_numpy(lengths == len(target)) & (ids[:, : len(target)] == target).all(1)  # row `bad`
+        outputs["logits"][hit, 0] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(infer.task, "run", overflowing)
+    out = infer(tokens)
+    errors = out["error"].to_pylist()
+    assert errors[bad].startswith("the model's output is not finite") and errors.count(None) == len(texts) - 1
+    assert out["label"][bad].as_py() is None and out["logits"][bad].as_py() is None
+    assert out.column_names[:4] == [c for c in tokens.column_names if c != "input_ids"]  # every block: one column order
+    expected = reference.classify(checkpoints["classifier"], texts)
+    kept = [i for i in range(len(texts)) if i != bad]
+    np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)[kept]), expected[kept], atol=ATOL)
+
+
 @pytest.mark.parametrize("failures", [1, 2])
 def test_out_of_memory_on_one_row_is_retried_once_then_named(checkpoints, monkeypatch, failures):
     """One row that classify cannot cut smaller: run once more as it was (the first failure may be

@@ -51,6 +51,17 @@ def test_tokenize_errors_name_the_column(checkpoints):
         tokenize(pa.table({"id": [1], "text": [3]}))
 
 
+def test_dictionary_and_all_null_text_columns_are_text(checkpoints, texts):
+    """pandas' category dtype arrives dictionary-encoded, a column of only None as Arrow's null type."""
+    tokenize = Tokenize(str(checkpoints["classifier"]), keep_columns=("text",))
+    plain = tokenize(table(texts[:3] + [None]))
+    encoded = tokenize(pa.table({"id": range(4), "text": pa.array(texts[:3] + [None]).dictionary_encode()}))
+    assert encoded["input_ids"].equals(plain["input_ids"])
+    nulls = tokenize(pa.table({"id": [1, 2], "text": pa.nulls(2)}))
+    assert nulls["input_ids"].to_pylist() == tokenize(table(["", ""]))["input_ids"].to_pylist()
+    assert plain["text"].to_pylist() == texts[:3] + [None]  # kept when keep_columns lists it
+
+
 def test_a_row_the_tokenizer_cannot_take_fails_alone(checkpoints, monkeypatch):
     tokenize = Tokenize(str(checkpoints["classifier"]))
     encode = tokenize.tokenizer.encode_batch
