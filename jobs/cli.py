@@ -14,6 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+
+try:  # s3fs's client library, whose errors (no credentials, no endpoint) are not OSErrors
+    from botocore.exceptions import BotoCoreError
+except ImportError:  # an install without S3 support (the GPU check's minimal one)
+    BotoCoreError = OSError
 
 from pipeline import JobInterrupted, Options, TaskOptions, run
 from pipeline.tasks import TASKS
@@ -90,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
                       address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction,
                       prune=args.prune)  # fmt: skip
-    except JobInterrupted as e:
+    except JobInterrupted as e:  # a fault, or a bug: the traceback first, then what to do
+        traceback.print_exception(e.__cause__ or e)
         print(f"rayberta: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError, RuntimeError) as e:  # the project's errors say what and what to do; a bug keeps its traceback
-        print(f"rayberta: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, BotoCoreError) as e:  # each says what and what to do; a bug keeps its traceback
+        print(f"rayberta: error: {type(e).__name__ + ': ' if isinstance(e, BotoCoreError) else ''}{e}", file=sys.stderr)
         return 2
     print(json.dumps(summary.to_dict(), indent=2))
     return 0

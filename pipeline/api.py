@@ -17,7 +17,7 @@ def as_dataset(data) -> ray.data.Dataset:
     if isinstance(data, ray.data.Dataset):
         return data
     if isinstance(data, (str, list)):
-        return ray.data.read_parquet(data, include_row_hash=True)
+        return ray.data.read_parquet(data, include_row_hash=True, partitioning=None)  # as jobs read: `x=y/` is no column
     if isinstance(data, pa.Table):
         return ray.data.from_arrow(data)
     if hasattr(data, "to_parquet"):  # pandas DataFrame, without importing pandas here

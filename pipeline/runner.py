@@ -362,9 +362,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     out.check_ours(overwrite)
     job = {"model": shards.model_digest(options.model), "settings": settings(options)}
     with shards.Lease(out) as lease:
-        if overwrite:
-            out.clear()
-        markers = out.markers()
+        markers = {} if overwrite else out.markers()
         for marker in markers.values():
             check_same_job(marker, job, output)
         listed = {shards.shard_key(s.path) for s in inputs}
@@ -377,12 +375,15 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         present = set(entries)
         finished = {m["key"]: m for m in markers.values() if m["output"] is None or m["output"] in present}
         pending = [s for s in inputs if not is_finished(s, finished.get(shards.shard_key(s.path)))]
-        abandoned = out.clean(markers, entries)
         footers, skipped = read_footers(fs, pending, skip_bad_files)
         if not markers and footers and sum(m.num_rows for m in footers.values()) == 0:
             raise InputError(f"input {input} holds no rows ({len(inputs)} Parquet file(s), all empty)")
         todo = {s: m for s, m in footers.items() if m.num_rows}
         derive_id = check_shards(todo, options) if todo else False  # before Ray starts: a bad column fails fast
+        if overwrite:  # only once the input has passed its checks
+            out.clear()
+            entries = []
+        abandoned = out.clean(markers, entries)
         start = time.perf_counter()
         ray_start, method = 0.0, getattr(task, "method", None)
         if any(m.num_rows for m in footers.values()):
@@ -400,7 +401,8 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             digest = output_digest(current)
             if current:
                 totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, digest, new)
-            check_failures(totals["failed_rows"], totals["rows"], max_failed_fraction, final=True)
+            # Over the listed input only: results of a deleted input must not fail every later run.
+            check_failures(*(sum(m["counts"][k] for m in kept) for k in ("failed_rows", "rows")), max_failed_fraction, final=True)
             tokens_run = sum(m["counts"]["tokens"] for m in new)
             summary = Summary(task=options.task, output=output, **totals,
                               shards=len(inputs), shards_run=len(new), shards_reused=len(kept) - len(new),
@@ -473,7 +475,7 @@ def run_shards(fs, footers: dict[Shard, pq.FileMetaData], derive_id: bool, out: 
             check_failures(failed, sum(seen.values()), max_failed_fraction, final=True)
             short = [f"{s.path} ({seen[k]} of {expected[k]} rows)" for k, s in by_key.items() if seen[k] != expected[k]]
             if short:
-                raise InputError(f"Ray Data's read returned fewer rows than the Parquet footers promise for {', '.join(short)}; "
+                raise InputError(f"Ray Data's read returned other row counts than the Parquet footers give for {', '.join(short)}; "
                                  "nothing of these files was committed. A name Ray Data misreads (a '?' starts a URL "
                                  "query) or a file rewritten during the run does this: rename the file or rerun")  # fmt: skip
         return [c.result() for c in commits]

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
@@ -67,8 +68,10 @@ def shard_key(path: str) -> str:
 
 
 def output_name(path: str) -> str:
-    """The result file of an input shard: named after the input file, never after row values."""
-    return f"{posixpath.basename(path).removesuffix('.parquet')}-{shard_key(path)}.parquet"
+    """The result file of an input shard: named after the input file, never after row values, with
+    fsspec's pattern characters (* ? [ ]) replaced, so that every call takes the name literally."""
+    stem = re.sub(r"[*?\[\]]", "_", posixpath.basename(path).removesuffix(".parquet"))
+    return f"{stem}-{shard_key(path)}.parquet"
 
 
 def model_digest(model_dir: str) -> str:
@@ -95,6 +98,8 @@ class Output:
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri
         self.fs, self.path = storage.filesystem(uri, storage_options)
+        if re.search(r"[*?\[\]]", self.path):  # fsspec would take it as a pattern in glob, rm and mv
+            raise ValueError(f"output {uri}: a path with *, ?, [ or ] is not supported; choose another name")
         self.arrow_fs = storage.arrow_filesystem(self.fs)
         self.local = storage.is_local(self.fs)
 
@@ -134,11 +139,22 @@ class Output:
             self.fs.pipe_file(path, data)  # one PUT: the object appears whole
 
     def remove(self, path: str) -> None:
-        """Delete a file if it is there (one request: no existence check first)."""
+        """Delete a file if it is there, in one request (no existence check first). `rm_file`, not
+        `rm`: s3fs's `rm` is a quiet bulk delete that reports no error, and the commit order relies
+        on this delete having happened."""
         try:
-            self.fs.rm(path)
+            self.fs.rm_file(path)
         except FileNotFoundError:
             pass
+
+    def move(self, source: str, target: str) -> None:
+        """The commit point of a result file: it appears whole, replacing an older one whole. Locally
+        a rename; on an object store a server-side copy (atomic per object), then the source goes."""
+        if self.local:
+            os.replace(source, target)
+        else:
+            self.fs.cp_file(source, target)
+            self.fs.rm_file(source)
 
     def markers(self) -> dict[str, dict]:
         """Commit markers by shard key."""
@@ -206,7 +222,7 @@ class Output:
         marker_path = self.join(MANIFEST, f"{marker['key']}.json")
         self.remove(marker_path)  # an older result of this shard counts as unfinished from here on
         if pieces:
-            self.fs.mv(target, self.join(name))  # the file appears whole, replacing an older one whole
+            self.move(target, self.join(name))
         else:
             self.remove(self.join(name))
         self.put(marker_path, json.dumps(marker, indent=1).encode())  # the commit point

@@ -53,6 +53,12 @@ class TaskOptions:
     stride: int | None = None  # score: slide windows by this many tokens over long documents instead of truncating
 
 
+def encode(model: RobertaModel, ids, mask, lengths):
+    """The base model's output for inference: never attention maps or every layer's states, whatever
+    the checkpoint's config sets as their default (maps do not combine with `lengths`)."""
+    return model(ids, mask, lengths=lengths, output_attentions=False, output_hidden_states=False)
+
+
 def checkpoint_heads(model_dir: str | Path) -> set[str]:
     """Which heads of a checkpoint this package runs, from config.json's `architectures`
     (transformers writes it). BERT checkpoints run through the base model only (their heads'
@@ -195,7 +201,7 @@ class Embed(Task):
         return RobertaModel, {"add_pooling_layer": self.options.pooling == "pooler"}
 
     def run(self, model, ids, mask, lengths, budget):
-        e = sentence_embedding(model(ids, mask, lengths=lengths), mask, self.options.pooling, self.options.normalize)
+        e = sentence_embedding(encode(model, ids, mask, lengths), mask, self.options.pooling, self.options.normalize)
         return {"embedding": e.float()}  # (B, H)
 
     def columns(self, outputs):
@@ -223,7 +229,7 @@ class FillMask(Task):
 
     def run(self, model, ids, mask, lengths, budget):
         at_mask = ids == self.tokenizer.mask_token_id  # (B, T)
-        logits = model.logits(model.roberta(ids, mask, lengths=lengths).last_hidden_state, at_mask).float()  # (N masks, V)
+        logits = model.logits(encode(model.roberta, ids, mask, lengths).last_hidden_state, at_mask).float()  # (N masks, V)
         probs, top = torch.softmax(logits, -1).topk(min(self.options.top_k, logits.shape[-1]), dim=-1)
         per_row = np.split(np.arange(len(top)), np.cumsum(at_mask.sum(1).cpu().numpy())[:-1])
         top, probs = top.cpu().numpy(), probs.cpu().numpy()
@@ -325,7 +331,7 @@ class Score(Task):
             window_mask = inside.long()
             targets = window_ids[window, at]
             if self.method == "causal":  # token t is predicted by the state at t-1
-                hidden = model.roberta(window_ids, window_mask, lengths=widths).last_hidden_state[window, at - 1]  # (N, H)
+                hidden = encode(model.roberta, window_ids, window_mask, widths).last_hidden_state[window, at - 1]  # (N, H)
             else:  # by the masked state at t, one target (N = C) per copy: the last layer runs only there
                 window_ids[window, at] = self.mask_token_id
                 hidden = model.roberta.hidden_at(window_ids, window_mask, at[:, None], widths)[:, 0]  # (C, H)

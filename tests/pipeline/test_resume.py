@@ -198,13 +198,14 @@ def test_inputs_gone_since_stay_listed_as_stale_or_are_pruned(ray_session, class
     out = inp / "labels"
     for i in range(3):
         write(inp, f"part-{i}.parquet", range(10 * i, 10 * i + 10), reviews[10 * i : 10 * i + 10])
-    assert run(str(inp), str(out), classify).rows == 30
+    pq.write_table(bad_utf8_table(range(10, 20), [b"\xff bad"] + [r.encode() for r in reviews[11:20]]), inp / "part-1.parquet")
+    assert run(str(inp), str(out), classify, max_failed_fraction=0.2).failed_rows == 1
     (inp / "part-2.parquet").rename(inp / "renamed.parquet")
     (inp / "part-1.parquet").unlink()
     gone = [str(inp / "part-1.parquet"), str(inp / "part-2.parquet")]
 
-    kept = run(str(inp), str(out), classify)
-    assert (kept.shards, kept.shards_run, kept.shards_reused, kept.rows, kept.duplicate_ids) == (2, 1, 1, 40, 10)
+    kept = run(str(inp), str(out), classify)  # the deleted shard's failed row counts, but fails no later run
+    assert (kept.shards, kept.shards_run, kept.shards_reused, kept.rows, kept.duplicate_ids, kept.failed_rows) == (2, 1, 1, 40, 10, 1)
     assert (kept.stale_shards, kept.pruned_shards) == (gone, [])
     pruned = run(str(inp), str(out), classify, prune=True)
     assert (pruned.shards_run, pruned.rows, pruned.duplicate_ids, pruned.stale_shards, pruned.pruned_shards) == (0, 20, 0, [], gone)
@@ -232,7 +233,7 @@ def test_odd_file_and_folder_names(ray_session, classify, checkpoints, reviews, 
     odd = tmp_path / "odd"
     write(odd, "good.parquet", [1, 2], reviews[:2])
     write(odd, "q?.parquet", [3, 4], reviews[2:4])
-    with pytest.raises(InputError, match=r"fewer rows than the Parquet footers promise for .*/odd/q\?.parquet \(0 of 2 rows\); nothing"):
+    with pytest.raises(InputError, match=r"other row counts than the Parquet footers give for .*/odd/q\?.parquet \(0 of 2 rows\); nothing"):
         run(str(odd), str(tmp_path / "odd-out"), classify)
     assert pq.read_table(tmp_path / "odd-out")["id"].to_pylist() == [1, 2]  # the other file is committed
 
@@ -276,3 +277,9 @@ def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="output .*file is a file"):
         run(str(inp), str(tmp_path / "file"), classify)
+    with pytest.raises(ValueError, match=r"output .*res\[1\]: a path with \*, \?, \[ or \] is not supported"):
+        run(str(inp), str(tmp_path / "res[1]"), classify)
+    # --overwrite deletes the old output only once the input has passed its checks.
+    with pytest.raises(InputError, match="no column 'body'"):
+        run(str(inp), out, Options(**{**classify.__dict__, "text_column": "body"}), overwrite=True)
+    assert (tmp_path / "out" / "_manifest" / "abc.json").exists()

@@ -100,6 +100,20 @@ def test_out_of_memory_halves_the_budget_and_loses_no_row(checkpoints, texts, mo
                                reference.classify(checkpoints["classifier"], texts), atol=ATOL)  # fmt: skip
 
 
+def test_a_config_asking_for_attention_maps_changes_no_task(checkpoints, texts, tmp_path):
+    """config.json's output_attentions/output_hidden_states set the model's forward defaults (as in
+    transformers); the tasks ask for neither, and maps would not combine with `lengths`."""
+    import shutil
+
+    directory = shutil.copytree(checkpoints["masked_lm"], tmp_path / "mlm")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "output_attentions": True, "output_hidden_states": True}))
+    tokens = Tokenize(str(directory))(table(texts[:4]))
+    for task in ("embed", "fill-mask", "score"):
+        expected = Infer(str(checkpoints["masked_lm"]), task, device="cpu")(tokens)
+        assert Infer(str(directory), task, device="cpu")(tokens).equals(expected), task
+
+
 def test_a_row_whose_output_is_not_finite_fails_alone(checkpoints, texts, monkeypatch):
     """A NaN (an fp16 overflow, say) would still give an argmax label: the row fails instead."""
     tokens = Tokenize(str(checkpoints["classifier"]))(table(texts))
