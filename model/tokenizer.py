@@ -193,11 +193,12 @@ class RobertaTokenizer:
             raise FileNotFoundError(f"tokenizer directory {directory} does not exist (expected {TOKENIZER_FILES})")
         tokenizer_config = _read_json(directory / "tokenizer_config.json")
         model_config = _read_json(directory / "config.json")
+        add_prefix_space = tokenizer_config.get("add_prefix_space", False)  # vocab files only: tokenizer.json has its own
 
         if (directory / "tokenizer.json").is_file():
             backend = read_tokenizer_json(directory / "tokenizer.json")
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-            backend = _bpe_backend(directory, tokenizer_config.get("add_prefix_space", False))
+            backend = _bpe_backend(directory, add_prefix_space)
         elif (directory / "vocab.txt").is_file():
             backend = None  # WordPiece needs the unk token name first
         else:
@@ -221,7 +222,7 @@ class RobertaTokenizer:
             backend = _wordpiece_backend(directory, specials, tokenizer_config)
         _add_special_tokens(backend, specials, flags)
         if backend.post_processor is None:  # vocab files: build it once the special tokens have ids
-            backend.post_processor = cls._post_processor(backend, specials, is_bert, tokenizer_config.get("add_prefix_space", False))
+            backend.post_processor = cls._post_processor(backend, specials, is_bert, add_prefix_space)
 
         tokenizer_class = tokenizer_config.get("tokenizer_class") or ("BertTokenizer" if is_bert else "RobertaTokenizer")
         length = max_length if max_length is not None else default_max_length(model_config, tokenizer_config)

@@ -39,9 +39,9 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
     if not isinstance(schema, pa.Schema):  # a dataset of pandas blocks: look at one row as Arrow
         schema = ds.take_batch(1, batch_format="pyarrow").schema
     derive_id = check_schema(schema, options, "dataset")
-    if derive_id and not isinstance(data, (str, list)):  # no file path and row position to derive one from
-        raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
-    if derive_id:
+    if derive_id:  # from the file path and row position that only Parquet paths have (`as_dataset`)
+        if not isinstance(data, (str, list)):
+            raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
         ds = ds.rename_columns({"row_hash": id_column})
     return build(ds.select_columns(job_columns(options)), options)
 

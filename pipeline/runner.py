@@ -258,6 +258,7 @@ def check_job(options: Options, address: str | None = None) -> tuple[Task, int]:
         raise TaskError(f"--text-column, --pair-column and --id-column must name different columns, not {roles}")
     task = make_task(options.task, options.model, options.task_options)
     config = task.check()
+    task.check_weights()
     tokenizer = RobertaTokenizer.from_pretrained(options.model)
     specials = len(tokenizer.encode_batch([""], [""] if options.pair_column else None)[0])
     if options.max_length is not None:
@@ -386,7 +387,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         abandoned = out.clean(markers, entries)
         start = time.perf_counter()
         ray_start, method = 0.0, getattr(task, "method", None)
-        if any(m.num_rows for m in footers.values()):
+        if todo:
             ray_start = init_ray(address, [fs, out.fs])
             start = time.perf_counter()
         try:

@@ -57,6 +57,7 @@ MANIFEST, STAGING, LOCK = "_manifest", "_staging", "_lock.json"
 # A shard's counts, in its marker (a run's summary adds them up).
 COUNTS = ("rows", "tokens", "truncated_rows", "empty_texts", "failed_rows", "null_ids", "duplicate_ids")
 OWN_ENTRIES = {MANIFEST, STAGING, LOCK, storage.SUMMARY_FILE}
+PATTERN_CHARACTERS = re.compile(r"[*?\[\]]")  # fsspec reads them as a pattern in glob, rm and mv
 
 
 class OutputLocked(RuntimeError):
@@ -70,7 +71,7 @@ def shard_key(path: str) -> str:
 def output_name(path: str) -> str:
     """The result file of an input shard: named after the input file, never after row values, with
     fsspec's pattern characters (* ? [ ]) replaced, so that every call takes the name literally."""
-    stem = re.sub(r"[*?\[\]]", "_", posixpath.basename(path).removesuffix(".parquet"))
+    stem = PATTERN_CHARACTERS.sub("_", posixpath.basename(path).removesuffix(".parquet"))
     return f"{stem}-{shard_key(path)}.parquet"
 
 
@@ -98,7 +99,7 @@ class Output:
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri
         self.fs, self.path = storage.filesystem(uri, storage_options)
-        if re.search(r"[*?\[\]]", self.path):  # fsspec would take it as a pattern in glob, rm and mv
+        if PATTERN_CHARACTERS.search(self.path):
             raise ValueError(f"output {uri}: a path with *, ?, [ or ] is not supported; choose another name")
         self.arrow_fs = storage.arrow_filesystem(self.fs)
         self.local = storage.is_local(self.fs)

@@ -14,6 +14,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
+GLOB_CHARACTERS = re.compile(r"[*?\[]")  # what makes fsspec's glob treat a path as a pattern
 
 
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -72,8 +73,8 @@ def parquet_files(uri: str | list[str], storage_options: dict | None = None,
     shards = {}
     for u in uris:
         _, path = filesystem(u, storage_options)
-        glob = any(ch in path for ch in "*?[") and not fs.exists(path)  # `run[1]/` that exists is a name
-        root = posixpath.dirname(re.split(r"[*?\[]", path, maxsplit=1)[0]) if glob else path  # what it names lies below
+        glob = bool(GLOB_CHARACTERS.search(path)) and not fs.exists(path)  # `run[1]/` that exists is a name
+        root = posixpath.dirname(GLOB_CHARACTERS.split(path, maxsplit=1)[0]) if glob else path  # what it names lies below
         if results is not None and under(root, results):
             raise ValueError(f"input {u} lies inside the output {output}: results would be read back as input "
                              "(and --overwrite would delete the input); choose an output outside the input")  # fmt: skip

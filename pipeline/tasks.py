@@ -101,9 +101,13 @@ class Task:
             )
         config = RobertaConfig.from_pretrained(self.model_dir)
         self.check_options(config)
-        cls, kwargs = self.model_class()
-        match_checkpoint(cls, self.model_dir, **kwargs)  # weights and tokenizer size, from the file headers
         return config
+
+    def check_weights(self) -> None:
+        """On the driver: the checkpoint's weights fit the class `load` builds (names and shapes from
+        the file headers, and the tokenizer's size). Where the model loads, loading checks the same."""
+        cls, kwargs = self.model_class()
+        match_checkpoint(cls, self.model_dir, **kwargs)
 
     def check_options(self, config: RobertaConfig) -> None:
         if self.options.stride is not None:
