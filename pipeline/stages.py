@@ -100,7 +100,8 @@ def token_budget(config, dtype: torch.dtype, device: torch.device) -> int:
 
 
 NON_FINITE = ("the model's output is not finite (NaN or inf), so no result is given: with --dtype float16 "
-              "activations can overflow; use bfloat16 or float32")
+              "activations can overflow (use bfloat16 or float32), and so can embeddings stored as "
+              "--embedding-dtype float16 (use --normalize or float32)")
 
 
 class Infer:
@@ -140,11 +141,8 @@ class Infer:
         inverse = np.argsort(np.concatenate(order))  # sorted position of each original row
         outputs = {k: to_host([p[k] for p in parts])[inverse] for k in parts[0]}
         errors = batch["error"] if "error" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
-        non_finite = np.zeros(batch.num_rows, bool)  # NaN or inf in any float output of a row
-        for array in outputs.values():
-            if np.issubdtype(array.dtype, np.floating):
-                non_finite |= ~np.isfinite(array.reshape(len(array), -1)).all(1)
-        if non_finite.any():  # an argmax over NaN would still give a label: fail the row instead
+        non_finite = self.task.non_finite(outputs)
+        if non_finite.any():
             errors = pc.if_else(pa.array(non_finite), pa.scalar(NON_FINITE, pa.string()), errors)
             if "error" in batch.column_names:  # in place: every block's columns keep one order
                 batch = batch.set_column(batch.schema.get_field_index("error"), "error", errors)

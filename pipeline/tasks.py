@@ -135,6 +135,16 @@ class Task:
     def columns(self, outputs: dict[str, np.ndarray]) -> dict[str, pa.Array]:
         raise NotImplementedError
 
+    def non_finite(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """(B,) bool: rows with NaN or inf in any float output (an argmax over NaN would still give
+        a label, so Infer fails these rows instead)."""
+        rows = len(next(iter(outputs.values())))
+        bad = np.zeros(rows, bool)
+        for array in outputs.values():
+            if np.issubdtype(array.dtype, np.floating):
+                bad |= ~np.isfinite(array.reshape(rows, -1)).all(1)
+        return bad
+
 
 class Classify(Task):
     """Columns: label, label_id, score, probs (single-label); labels, probs (multi-label, by
@@ -206,10 +216,11 @@ class Embed(Task):
 
     def run(self, model, ids, mask, lengths, budget):
         e = sentence_embedding(encode(model, ids, mask, lengths), mask, self.options.pooling, self.options.normalize)
-        return {"embedding": e.float()}  # (B, H)
+        # (B, H) in the stored dtype already, so that the finiteness check sees a float16 overflow
+        return {"embedding": e.to(getattr(torch, self.options.embedding_dtype))}
 
     def columns(self, outputs):
-        return {"embedding": fixed_list(outputs["embedding"].astype(self.options.embedding_dtype))}
+        return {"embedding": fixed_list(outputs["embedding"])}
 
 
 class FillMask(Task):
@@ -244,6 +255,9 @@ class FillMask(Task):
                 for m in masks
             ]
         return {"predictions": out}
+
+    def non_finite(self, outputs):
+        return np.array([any(not np.isfinite(p["probability"]) for mask in row for p in mask) for row in outputs["predictions"]], bool)
 
     def columns(self, outputs):
         return {"predictions": pa.array(list(outputs["predictions"]), pa.list_(pa.list_(self.PREDICTION)))}

@@ -138,6 +138,33 @@ def test_a_row_whose_output_is_not_finite_fails_alone(checkpoints, texts, monkey
     np.testing.assert_allclose(np.stack(out["logits"].to_numpy(zero_copy_only=False)[kept]), expected[kept], atol=ATOL)
 
 
+def test_a_float16_embedding_that_overflows_fails_its_row(checkpoints, texts):
+    """The check runs on the stored dtype: an embedding over float16's 65,504 is inf there."""
+    tokens = Tokenize(str(checkpoints["masked_lm"]))(table(texts[:4]))
+    infer = Infer(str(checkpoints["masked_lm"]), "embed", TaskOptions(embedding_dtype="float16"), device="cpu")
+    assert infer(tokens)["error"].null_count == 4
+    infer.model.layers[-1].mlp_norm.weight.data.fill_(1e6)  # every pooled value now far beyond float16
+    out = infer(tokens)
+    assert all(e.startswith("the model's output is not finite") for e in out["error"].to_pylist())
+    assert out["embedding"].null_count == 4
+
+
+def test_a_fill_mask_row_whose_probabilities_are_nan_fails_alone(checkpoints, texts, monkeypatch):
+    tokens = Tokenize(str(checkpoints["masked_lm"]))(table(["a <mask> b", "c <mask> d <mask>", "no mask"]))
+    infer = Infer(str(checkpoints["masked_lm"]), "fill-mask", device="cpu")
+    logits = infer.model.logits
+
+    def nan_at_the_last_mask(hidden, at):
+        out = logits(hidden, at)  # (N masks, V), rows in order: the second row's second mask is last
+        out[-1] = float("nan")
+        return out
+
+    monkeypatch.setattr(infer.model, "logits", nan_at_the_last_mask)
+    out = infer(tokens)
+    assert [e is None for e in out["error"].to_pylist()] == [True, False, True]
+    assert out["predictions"].to_pylist()[1] is None and len(out["predictions"][0]) == 1
+
+
 @pytest.mark.parametrize("failures", [1, 2])
 def test_out_of_memory_on_one_row_is_retried_once_then_named(checkpoints, monkeypatch, failures):
     """One row that classify cannot cut smaller: run once more as it was (the first failure may be
