@@ -105,8 +105,9 @@ NON_FINITE = ("the model's output is not finite (NaN or inf), so no result is gi
 
 
 class Infer:
-    """Runs a task's model over each block: rows sorted by length, cut into micro-batches by a
-    token budget, run, and put back in their original order. The model loads once per actor.
+    """Runs a task's model over each block of `Tokenize`'s output (input_ids and error are the
+    columns it reads): rows sorted by length, cut into micro-batches by a token budget, run, and put
+    back in their original order. The model loads once per actor.
     batch_tokens: the budget; None chooses it from the device (`token_budget`)."""
 
     def __init__(self, model_dir: str, task: str, options: TaskOptions | None = None, dtype: str = "float32",
@@ -140,14 +141,11 @@ class Infer:
             return batch
         inverse = np.argsort(np.concatenate(order))  # sorted position of each original row
         outputs = {k: to_host([p[k] for p in parts])[inverse] for k in parts[0]}
-        errors = batch["error"] if "error" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+        errors = batch["error"]
         non_finite = self.task.non_finite(outputs)
-        if non_finite.any():
+        if non_finite.any():  # in place: every block's columns keep one order
             errors = pc.if_else(pa.array(non_finite), pa.scalar(NON_FINITE, pa.string()), errors)
-            if "error" in batch.column_names:  # in place: every block's columns keep one order
-                batch = batch.set_column(batch.schema.get_field_index("error"), "error", errors)
-            else:
-                batch = batch.append_column("error", errors)
+            batch = batch.set_column(batch.schema.get_field_index("error"), "error", errors)
         failed = pc.is_valid(errors) if errors.null_count < batch.num_rows else None
         for name, array in self.task.columns(outputs).items():
             if failed is not None:
