@@ -22,7 +22,8 @@ except ImportError:  # an install without S3 support (the GPU check's minimal on
     BotoCoreError = OSError
 
 from pipeline import JobInterrupted, Options, TaskOptions, run
-from pipeline.tasks import TASKS
+from pipeline.runner import DTYPES
+from pipeline.tasks import POOLINGS, TASKS, Embed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--output", required=True, help="output directory or s3:// prefix for Parquet results")
     io.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     io.add_argument("--pair-column", default=None, help="second text of a pair, for NLI / cross-encoder checkpoints")
-    io.add_argument("--id-column", default="id", help="id column kept in the output (default: id; derived from file and row if absent)")
+    io.add_argument("--id-column", default="id", help="id column kept in the output (default: id; when a column named id is absent, ids are derived from file and row)")
     io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output")
     io.add_argument("--overwrite", action="store_true", help="replace results already in --output (default: keep finished shards, run the rest)")
     io.add_argument("--prune", action="store_true",
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     run_.add_argument("--max-length", type=int, default=None, help="truncate texts to N tokens (default: the model's positions)")
     run_.add_argument("--batch-tokens", type=int, default=None,
                       help="token budget of one micro-batch (padded tokens); default: chosen from the device and the model")
-    run_.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights and compute dtype")
+    run_.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights and compute dtype")
     run_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPUs when the cluster has them")
     run_.add_argument("--concurrency", type=int, default=None, help="inference actors (default: one per GPU, or one on CPU)")
     run_.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -54,14 +55,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayberta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     classify = tasks.add_parser("classify", parents=[common], help="label texts with a sequence-classification checkpoint")
-    classify.add_argument("--threshold", type=float, default=0.5, help="multi-label: keep labels with probability >= threshold")
+    classify.add_argument("--threshold", type=float, default=TaskOptions.threshold, help="multi-label: keep labels with probability >= threshold")
     classify.add_argument("--logits", action="store_true", help="also write raw logits")
     embed = tasks.add_parser("embed", parents=[common], help="sentence embeddings from the base model")
-    embed.add_argument("--pooling", default="mean", choices=["mean", "cls", "pooler"], help="how token states become one vector")
+    embed.add_argument("--pooling", default=TaskOptions.pooling, choices=POOLINGS, help="how token states become one vector")
     embed.add_argument("--normalize", action="store_true", help="L2-normalise embeddings")
-    embed.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"], help="stored embedding dtype")
+    embed.add_argument("--embedding-dtype", default=TaskOptions.embedding_dtype, choices=Embed.EMBEDDING_DTYPES, help="stored embedding dtype")
     fill = tasks.add_parser("fill-mask", parents=[common], help="top-k predictions for every <mask> token")
-    fill.add_argument("--top-k", type=int, default=5, help="predictions per mask")
+    fill.add_argument("--top-k", type=int, default=TaskOptions.top_k, help="predictions per mask")
     score = tasks.add_parser("score", parents=[common], help="log-likelihood and perplexity (causal LM, or pseudo-LL for masked LM)")
     score.add_argument("--stride", type=int, default=None,
                        help="score long documents whole with sliding windows advancing N tokens (default: truncate)")

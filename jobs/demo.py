@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,4 +91,3 @@ if __name__ == "__main__":
     p.add_argument("--workdir", type=Path, default=Path("data/demo"), help="where input shards and embeddings are written")
     args = p.parse_args()
     main(args.rows, args.workdir)
-    sys.exit(0)

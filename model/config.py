@@ -3,7 +3,8 @@
 A frozen dataclass: a config describes a checkpoint and never changes once read. Defaults are
 transformers' `RobertaConfig` defaults (so a config.json without a field means the same to both;
 note they are BERT's 512 positions, 2 token types and eps 1e-12, not roberta-base's values). Keys of
-`config.json` that the architecture does not use (`architectures`, `torch_dtype`, ...) are ignored;
+`config.json` that the architecture does not use (`architectures`, ...) are ignored (`dtype` and
+`torch_dtype` are read by loading, for `from_pretrained(dtype="auto")`);
 values it cannot run (an unknown `model_type`, `hidden_act` or `position_embedding_type`) raise
 at load time, naming the file and the field, rather than producing wrong numbers later.
 """
@@ -149,8 +150,9 @@ class RobertaConfig:
         values["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return values
 
-    def save_pretrained(self, local_dir: str | Path, architecture: str) -> None:
-        """Write config.json that both this package and transformers read."""
-        values = {"architectures": [architecture], **self.to_dict()}
+    def save_pretrained(self, local_dir: str | Path, architecture: str, dtype: str | None = None) -> None:
+        """Write config.json that both this package and transformers read. dtype: the weights'
+        (transformers' `dtype`, which from_pretrained(dtype="auto") loads them in)."""
+        values = {"architectures": [architecture], **self.to_dict(), **({"dtype": dtype} if dtype else {})}
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         (Path(local_dir) / "config.json").write_text(json.dumps(values, indent=2) + "\n")

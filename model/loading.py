@@ -23,6 +23,8 @@ stays near one copy of the weights. `pytorch_model.bin` is refused: unpickling c
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import re
 from pathlib import Path
@@ -89,11 +91,7 @@ def our_key(checkpoint_key: str, body_prefix: str) -> tuple[bool, str | None]:
     """(known, our key relative to the model root of a head class, or None to drop).
 
     Body keys come back as `roberta.<ours>`; head keys as `lm_head.<...>`/`classifier.<...>`."""
-    key = checkpoint_key
-    for prefix in (body_prefix + ".", "roberta.", "bert."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
+    key = checkpoint_key.removeprefix(body_prefix + ".")
     module, _, suffix = key.rpartition(".")
     suffix = LEGACY_SUFFIXES.get(suffix, suffix)
     if key.startswith("cls.") or _lookup(_TEMPLATES, key) == (True, None):  # BERT's own heads; dropped buffers
@@ -142,24 +140,58 @@ def weight_files(local_dir: Path) -> list[Path]:
     raise CheckpointError(f"{local_dir} has no weights: expected one of {list(WEIGHT_FILES)}; found {present}")
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+# safetensors' names of the floating dtypes, for dtype="auto" from the weights
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def resolve_dtype(dtype, local_dir: Path | None = None, files: list[Path] = ()) -> torch.dtype:
+    """None: float32 (transformers 4's default). "auto": config.json's `dtype` (`torch_dtype` in
+    transformers 4's files), else the first floating tensor's. Else a floating torch.dtype or its name."""
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported; choose one of {list(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype == "auto":
+        config = json.loads((local_dir / "config.json").read_text())
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        if dtype is None:
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    found = [f.get_slice(key).get_dtype() for key in f.keys()]
+                dtype = next((SAFETENSORS_DTYPES[d] for d in found if d in SAFETENSORS_DTYPES), None)
+                if dtype is not None:
+                    break
+            return dtype or torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r}: a model's weights need a floating dtype, e.g. {list(DTYPES)}, or 'auto' (the checkpoint's)")
+    return resolved
 
 
-def match_checkpoint(cls, local_dir, **kwargs):
+def build_config(cls, local_dir: Path, config: RobertaConfig | None, kwargs: dict) -> tuple[RobertaConfig, dict]:
+    """transformers' from_pretrained rules for the config: `config=` replaces config.json, and
+    keyword arguments that name config fields override it (`num_labels=3`, `is_decoder=True`).
+    Returns (config, the remaining keyword arguments, for the constructor)."""
+    fields = {f.name for f in dataclasses.fields(RobertaConfig)}
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    config = config or RobertaConfig.from_pretrained(local_dir)
+    if overrides.keys() & {"num_labels"} and "id2label" not in overrides:  # new labels, named as transformers names them
+        overrides |= {"id2label": {}, "label2id": {}}
+    config = dataclasses.replace(config, **overrides) if overrides else config
+    takes = set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
+    if set(kwargs) - takes:
+        raise TypeError(f"{cls.__name__}.from_pretrained: unknown arguments {sorted(set(kwargs) - takes)}; it takes "
+                        f"dtype, device, config, fields of RobertaConfig (e.g. num_labels) and {sorted(takes) or 'nothing else'}")  # fmt: skip
+    return config, kwargs
+
+
+def match_checkpoint(cls, local_dir, config: RobertaConfig | None = None, **kwargs):
     """Build `cls(config, **kwargs)` on the meta device and match the checkpoint's keys to its
     parameters by name and shape, from the safetensors headers only (no tensor is read, so a job's
     driver checks a checkpoint this way in a fraction of a second). Raises one CheckpointError
-    listing every problem. Returns (model on meta, {our key: (file, checkpoint key)}, tied)."""
+    listing every problem. Returns (model on meta, {our key: (file, checkpoint key)}, tied).
+    config and kwargs: as `build_config` takes them."""
     local_dir = Path(local_dir)
     files = weight_files(local_dir)
-    config = RobertaConfig.from_pretrained(local_dir)
+    config, kwargs = build_config(cls, local_dir, config, dict(kwargs))
     check_tokenizer_fits(local_dir, config)
     if cls.__name__ != "RobertaModel" and config.model_type == "bert":
         raise CheckpointError(
@@ -212,11 +244,14 @@ def match_checkpoint(cls, local_dir, **kwargs):
     return model, sources, tied
 
 
-def load_pretrained(cls, local_dir, dtype=None, device=None, **kwargs):
+def load_pretrained(cls, local_dir, dtype=None, device=None, torch_dtype=None, **kwargs):
     """`match_checkpoint`, then assign the checkpoint's tensors to the model built on meta.
 
-    dtype: float32 (default, as transformers), bfloat16 or float16; device: where tensors land."""
-    dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
+    dtype (torch_dtype: transformers 4's name for it): see `resolve_dtype`; device: where tensors land."""
+    if dtype is not None and torch_dtype is not None:
+        raise TypeError("pass dtype or torch_dtype (its older name), not both")
+    local_dir = Path(local_dir)
+    dtype, device = resolve_dtype(dtype or torch_dtype, local_dir, weight_files(local_dir)), torch.device(device or "cpu")
     model, sources, tied = match_checkpoint(cls, local_dir, **kwargs)
     loaded = {}
     for file in dict.fromkeys(file for file, _ in sources.values()):
@@ -263,5 +298,7 @@ def save_pretrained(model, local_dir) -> None:
         tensors[name] = tensor.detach().contiguous().cpu()
         if key == "lm_head.bias" and not model.config.tie_word_embeddings:
             tensors["lm_head.decoder.bias"] = tensors[name].clone()  # safetensors refuses shared storage
-    model.config.save_pretrained(local_dir, type(model).__name__.replace("Roberta", "Bert" if model.config.model_type == "bert" else "Roberta"))
+    architecture = type(model).__name__  # as transformers names the class, e.g. BertModel for a BERT config
+    model.config.save_pretrained(local_dir, architecture.replace("Roberta", "Bert") if model.config.model_type == "bert" else architecture,
+                                 dtype=str(model.dtype).removeprefix("torch."))  # fmt: skip
     save_file(tensors, str(local_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -108,8 +108,9 @@ def returned(output: ModelOutput, return_dict: bool | None):
 class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
     last_hidden_state: torch.Tensor | None = None  # (B, T, H)
     pooler_output: torch.Tensor | None = None  # (B, H)
-    hidden_states: tuple | None = None  # L+1 of (B, T, H): embeddings, then each layer
+    # The cache comes before the hidden states in the tuple form, as transformers returns them.
     past_key_values: tuple | None = None
+    hidden_states: tuple | None = None  # L+1 of (B, T, H): embeddings, then each layer
     attentions: tuple | None = None  # L of (B, nh, T, S)
     cross_attentions: tuple | None = None
 
@@ -241,15 +242,19 @@ class Block(nn.Module):
         self.act = ACT_FNS[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, bias, encoder_states, encoder_bias, past, head_mask, output_attentions, packed=None):
-        x, present, attn = self.attention(x, bias, None, past and past[:2], head_mask, output_attentions, packed)
+    def forward(self, x, bias, encoder_states=None, encoder_bias=None, past=None, head_mask=None, output_attentions=False,
+                packed=None):  # fmt: skip
+        """x (B, T, H), or (N, H) packed rows (`packed`); bias (B|1, 1, T|1, S) additive or None;
+        encoder_states (B, S_enc, H) and encoder_bias for cross-attention; past: this layer's cache,
+        (k, v) or (k, v, cross k, cross v), each (B, nh, S, hs). Returns (x like the input, the new
+        cache, self-attention probabilities or None, cross-attention probabilities or None)."""
+        self_past, cross_past = (past[:2], past[2:] or None) if past is not None else (None, None)
+        x, present, attn = self.attention(x, bias, None, self_past, head_mask, output_attentions, packed)
         cross = None
         if encoder_states is not None:
             if self.crossattention is None:
                 raise ValueError("encoder_hidden_states given, but the config has add_cross_attention=false")
-            x, cross_kv, cross = self.crossattention(
-                x, encoder_bias, encoder_states, past and past[2:] or None, head_mask, output_attentions
-            )
+            x, cross_kv, cross = self.crossattention(x, encoder_bias, encoder_states, cross_past, head_mask, output_attentions)
             present = present + cross_kv
         return self.feed_forward(x), present, attn, cross
 
@@ -436,6 +441,8 @@ class RobertaModel(PreTrained):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         config = self.config
+        if not config.is_decoder:  # as in transformers: an encoder has no cross-attention and ignores these
+            encoder_hidden_states = encoder_attention_mask = None
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if lengths is not None:
@@ -497,7 +504,7 @@ class RobertaModel(PreTrained):
             self.check_unpadded(attention_mask, training=self.training)
         x, packed = pack_rows(x, None if causal else lengths, bias, False)
         for layer in self.layers[:-1]:
-            x = layer(x, bias, None, None, None, None, False, packed)[0]
+            x = layer(x, bias, packed=packed)[0]
         if packed is not None:  # the n queries of each row, packed: (B * n, H)
             rows = packed.keys
             queries = x.index_select(0, (index + rows.cu_seqlens[:-1, None]).reshape(-1))
@@ -733,15 +740,3 @@ class RobertaForSequenceClassification(PreTrained):
         result = SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
         return returned(result, return_dict)
 
-
-# Every architecture name a config.json may list, to the class that runs it.
-ARCHITECTURES = {
-    "RobertaModel": RobertaModel,
-    "BertModel": RobertaModel,
-    "XLMRobertaModel": RobertaModel,
-    "RobertaForMaskedLM": RobertaForMaskedLM,
-    "XLMRobertaForMaskedLM": RobertaForMaskedLM,
-    "RobertaForCausalLM": RobertaForCausalLM,
-    "RobertaForSequenceClassification": RobertaForSequenceClassification,
-    "XLMRobertaForSequenceClassification": RobertaForSequenceClassification,
-}

@@ -52,7 +52,7 @@ def classify(data, model, **kwargs) -> ray.data.Dataset:
 
 
 def embed(data, model, **kwargs) -> ray.data.Dataset:
-    """Column embedding (fixed-size list of float32)."""
+    """Column embedding (fixed-size list of float32, or float16 with embedding_dtype="float16")."""
     return apply("embed", data, model, **kwargs)
 
 

@@ -34,7 +34,6 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
@@ -533,4 +532,4 @@ def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, diges
     if not files:
         return 0
     ids = pads.dataset(files, filesystem=out.arrow_fs, format="parquet").to_table(columns=[id_column])[id_column]
-    return len(ids) - ids.null_count - pc.count_distinct(ids).as_py()
+    return shards.duplicate_ids(ids)

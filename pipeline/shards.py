@@ -88,6 +88,11 @@ def model_digest(model_dir: str) -> str:
     return digest.hexdigest()
 
 
+def duplicate_ids(ids: pa.ChunkedArray) -> int:
+    """Ids that repeat one before them (nulls are counted apart, as null_ids)."""
+    return len(ids) - ids.null_count - pc.count_distinct(ids).as_py()
+
+
 def failed_rows(table: pa.Table) -> int:
     """Rows whose `error` is set (their task columns are null)."""
     return table.num_rows - table["error"].null_count
@@ -128,10 +133,15 @@ class Output:
             if entry != LOCK:
                 self.fs.rm(self.join(entry), recursive=True)
 
+    def make_parent(self, path: str) -> None:
+        """A local file needs its folder made first; an object store has no folders to make."""
+        if self.local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+
     def put(self, path: str, data: bytes) -> None:
         """Atomic small write: a reader sees the old content or the new, never a part."""
         if self.local:
-            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            self.make_parent(path)
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -196,8 +206,7 @@ class Output:
         ids = []
         target = self.join(STAGING, f"{name}.{uuid.uuid4().hex}.tmp")
         if pieces:
-            if self.local:
-                os.makedirs(posixpath.dirname(target), exist_ok=True)
+            self.make_parent(target)
             writer = None
             try:
                 for piece in pieces:
@@ -216,7 +225,7 @@ class Output:
                 if writer is not None:
                     writer.close()
         counts["null_ids"] = sum(column.null_count for column in ids)
-        counts["duplicate_ids"] = counts["rows"] - counts["null_ids"] - (pc.count_distinct(pa.chunked_array(ids)).as_py() if ids else 0)
+        counts["duplicate_ids"] = duplicate_ids(pa.chunked_array(ids)) if ids else 0
         marker = {**marker, "key": shard_key(shard.path), "input": shard.path, "size": shard.size,
                   "version": shard.version, "output": name if pieces else None, "counts": counts,
                   "committed_at": time.time()}  # fmt: skip
@@ -241,8 +250,7 @@ def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run
     for path in pc.unique(paths).to_pylist():
         part = batch.filter(pc.equal(paths, path)).drop_columns([path_column])
         piece = out.join(STAGING, run, shard_key(path), f"{uuid.uuid4().hex}.parquet")
-        if out.local:
-            os.makedirs(posixpath.dirname(piece), exist_ok=True)
+        out.make_parent(piece)
         pq.write_table(part, piece, filesystem=out.arrow_fs)
         rows.append((shard_key(path), piece, part.num_rows, failed_rows(part)))
     return pa.table(list(zip(*rows)) if rows else [[], [], [], []], names=["shard", "piece", "rows", "failed"])

@@ -129,16 +129,16 @@ class Infer:
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        column = batch[TOKENS].combine_chunks() if batch.num_rows else pa.array([], pa.list_(pa.int32()))
+        if not batch.num_rows:
+            return batch.drop_columns([TOKENS])
+        column = batch[TOKENS].combine_chunks()
         values = column.values.to_numpy(zero_copy_only=False)
         offsets = column.offsets.to_numpy().astype(np.int64)
         parts, order = [], []
-        for done, outputs in self.run_rows(values, offsets, np.arange(batch.num_rows)) if batch.num_rows else ():
+        for done, outputs in self.run_rows(values, offsets, np.arange(batch.num_rows)):
             parts.append(outputs)
             order.append(done)
         batch = batch.drop_columns([TOKENS])
-        if not parts:
-            return batch
         inverse = np.argsort(np.concatenate(order))  # sorted position of each original row
         outputs = {k: to_host([p[k] for p in parts])[inverse] for k in parts[0]}
         errors = batch["error"]

@@ -42,7 +42,8 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class TaskOptions:
-    """Task-specific options (CLI flags of the same names). Unused ones are ignored by other tasks."""
+    """Task-specific options (CLI flags of the same names). A task ignores the others' options,
+    except `stride`, which only score takes (another task refuses it rather than truncate silently)."""
 
     threshold: float = 0.5  # classify, multi-label: labels whose probability >= threshold
     logits: bool = False  # classify: also write raw logits
@@ -207,9 +208,9 @@ class Embed(Task):
     def check_options(self, config):
         super().check_options(config)
         if self.options.pooling not in POOLINGS:
-            raise TaskError(f"pooling {self.options.pooling!r}: choose one of {POOLINGS}")
+            raise TaskError(f"--pooling {self.options.pooling!r}: choose one of {POOLINGS}")
         if self.options.embedding_dtype not in self.EMBEDDING_DTYPES:
-            raise TaskError(f"embedding_dtype {self.options.embedding_dtype!r}: choose one of {self.EMBEDDING_DTYPES}")
+            raise TaskError(f"--embedding-dtype {self.options.embedding_dtype!r}: choose one of {self.EMBEDDING_DTYPES}")
 
     def model_class(self):
         return RobertaModel, {"add_pooling_layer": self.options.pooling == "pooler"}

@@ -60,21 +60,32 @@ def padded_batch(lengths, vocab_size=99, pad_id=1, seed=0, type_vocab_size=1):
     return ids, mask, types
 
 
-def train_bpe(texts, directory: Path, vocab_size: int = 400) -> Path:
-    """A real byte-level BPE (RoBERTa's specials at ids 0-4), saved as tokenizer.json by the reference."""
-    from tokenizers import AddedToken, ByteLevelBPETokenizer
+def train_bpe(texts, directory: Path, vocab_size: int = 400, vocab_files: bool = False) -> Path:
+    """A real byte-level BPE (RoBERTa's specials at ids 0-4) in `directory`: tokenizer.json as the
+    reference saves it, or (`vocab_files`) the vocab.json + merges.txt it was trained into."""
+    from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     bpe.save_model(str(directory))
-    mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
-    tokenizer = transformers.RobertaTokenizerFast.from_pretrained(str(directory), mask_token=mask)
-    for name in ("vocab.json", "merges.txt"):
-        (directory / name).unlink()
-    tokenizer.save_pretrained(str(directory))
+    if not vocab_files:
+        tokenizer = reference_tokenizer(directory)
+        for name in ("vocab.json", "merges.txt"):
+            (directory / name).unlink()
+        tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def reference_tokenizer(directory: Path) -> transformers.RobertaTokenizerFast:
+    """transformers' tokenizer of a `train_bpe` folder. From vocab files, transformers 5 gives <mask>
+    lstrip=False; roberta-base's tokenizer.json (and transformers 4) have lstrip=True, which is what
+    we implement: passed explicitly."""
+    from tokenizers import AddedToken
+
+    mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
+    return transformers.RobertaTokenizerFast.from_pretrained(str(directory), mask_token=mask)
 
 
 def checkpoint(directory: Path, tokenizer_dir: Path, kind: str, **overrides) -> Path:

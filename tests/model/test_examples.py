@@ -16,19 +16,15 @@ problem_type=...)` overrides are saved in config.json instead, which our loader 
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from tokenizers import AddedToken, ByteLevelBPETokenizer
 
-import movie_reviews
 from model import RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaTokenizer
-from tests.checkpoints import reference, save
+from tests.checkpoints import reference, reference_tokenizer, save, train_bpe
 
-REVIEWS_CSV = Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 ATOL = 1e-4
 
@@ -49,21 +45,8 @@ OURS = {
 
 
 @pytest.fixture(scope="module")
-def reviews() -> list[str]:
-    csv.field_size_limit(10**8)
-    with REVIEWS_CSV.open(newline="", encoding="utf-8") as f:
-        return [row["text"] for _, row in zip(range(1000), csv.DictReader(f)) if row["text"].strip()]
-
-
-@pytest.fixture(scope="module")
 def ref_tokenizer(tmp_path_factory, reviews) -> transformers.RobertaTokenizerFast:
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(reviews, vocab_size=500, min_frequency=2, show_progress=False, special_tokens=SPECIALS)
-    directory = tmp_path_factory.mktemp("bpe500")
-    bpe.save_model(str(directory))
-    # roberta-base's mask absorbs the space before it (lstrip=True); transformers 5 defaults to False here.
-    tokenizer = transformers.RobertaTokenizerFast.from_pretrained(
-        str(directory), mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True))
+    tokenizer = reference_tokenizer(train_bpe(reviews, tmp_path_factory.mktemp("bpe500"), vocab_size=500, vocab_files=True))
     tokenizer.model_max_length = 62  # max_position_embeddings (64) minus RoBERTa's position offset (2)
     assert len(tokenizer) == 500 and tokenizer.convert_tokens_to_ids(SPECIALS) == [0, 1, 2, 3, 4]
     return tokenizer

@@ -1,6 +1,7 @@
 """Loading: key table with and without prefixes, sharded files, dtypes, meta-device build, strict
 errors for bad checkpoints, our own save readable by transformers, and real weights (all-MiniLM-L6-v2)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import transformers
 
 import model as ours
 from model import CheckpointError, ConfigError
+from model.loading import build_config
 from tests.checkpoints import TINY, padded_batch, reference, save
 
 ATOL = 1e-4
@@ -64,6 +66,47 @@ def test_dtype_and_meta_build(masked_lm_dir, dtype):
         got = mine(ids, mask).logits.float()
         expected = ref(ids, mask).logits
     assert (got - expected).abs().max() < 0.25 * expected.abs().max()  # reduced precision, same function
+
+
+def test_dtype_auto_is_the_checkpoints_as_in_transformers(tmp_path):
+    """dtype="auto" (torch_dtype, transformers 4's name, too): config.json's dtype, else the
+    weights'; a model saved by us in bf16 loads in bf16 in transformers' default ("auto")."""
+    directory = save(reference("RobertaForMaskedLM").to(torch.bfloat16), tmp_path / "bf16")
+    expected = transformers.RobertaForMaskedLM.from_pretrained(directory, dtype="auto").dtype
+    assert expected == torch.bfloat16
+    assert ours.RobertaForMaskedLM.from_pretrained(directory, dtype="auto").dtype == expected
+    assert ours.RobertaForMaskedLM.from_pretrained(directory, torch_dtype="auto").dtype == expected
+    assert ours.RobertaForMaskedLM.from_pretrained(directory).dtype == torch.float32  # None: transformers 4's default
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "dtype"}))
+    assert ours.RobertaForMaskedLM.from_pretrained(directory, dtype="auto").dtype == torch.bfloat16  # from the weights
+    ours.RobertaForMaskedLM.from_pretrained(directory, dtype=torch.float16).save_pretrained(tmp_path / "ours")
+    assert transformers.RobertaForMaskedLM.from_pretrained(tmp_path / "ours").dtype == torch.float16
+    assert ours.RobertaForMaskedLM.from_pretrained(directory, dtype="float64").dtype == torch.float64
+    with pytest.raises(ValueError, match="'int8': a model's weights need a floating dtype"):
+        ours.RobertaForMaskedLM.from_pretrained(directory, dtype="int8")
+
+
+def test_config_fields_and_config_override_config_json(masked_lm_dir, tmp_path):
+    """transformers' way to run a masked-LM checkpoint as a decoder: `is_decoder=True`, or a
+    `config=`; `num_labels=` gives a new head's labels. Anything else is named."""
+    ids, mask, _ = padded_batch([5, 9])
+    ref = transformers.RobertaForCausalLM.from_pretrained(masked_lm_dir, is_decoder=True).eval()
+    config = ours.RobertaConfig.from_pretrained(masked_lm_dir)
+    with torch.no_grad():
+        expected = ref(ids, mask).logits
+        for mine in (ours.RobertaForCausalLM.from_pretrained(masked_lm_dir, is_decoder=True),
+                     ours.RobertaForCausalLM.from_pretrained(masked_lm_dir, config=dataclasses.replace(config, is_decoder=True))):  # fmt: skip
+            assert mine.config.is_decoder
+            close(mine(ids, mask).logits, expected)
+    two = save(reference("RobertaForSequenceClassification", num_labels=2, id2label={0: "no", 1: "yes"}), tmp_path / "two")
+    theirs = transformers.RobertaConfig.from_pretrained(two, num_labels=3)
+    relabeled, _ = build_config(ours.RobertaForSequenceClassification, two, None, {"num_labels": 3})
+    assert relabeled.id2label == theirs.id2label and relabeled.label2id == theirs.label2id
+    with pytest.raises(CheckpointError, match=r"classifier.out_proj.weight: checkpoint \(2, 32\), model \(3, 32\)"):
+        ours.RobertaForSequenceClassification.from_pretrained(two, num_labels=3)
+    with pytest.raises(TypeError, match=r"unknown arguments \['device_map'\].*add_pooling_layer"):
+        ours.RobertaModel.from_pretrained(masked_lm_dir, device_map="auto")
 
 
 def test_our_save_is_read_by_transformers(tmp_path):
@@ -180,6 +223,17 @@ def test_missing_and_unexpected_keys_listed(tmp_path):
         ours.RobertaForMaskedLM.from_pretrained(directory)
     assert "roberta.encoder.layer.0.attention.self.rotary.weight" in str(err.value)
     assert "missing keys: ['roberta.encoder.layer.1.output.dense.bias']" in str(err.value)
+
+
+def test_keys_under_another_models_prefix_are_unexpected(tmp_path):
+    """A RoBERTa config takes its body under `roberta.` (or no prefix), never BERT's `bert.`."""
+    from safetensors.torch import load_file, save_file
+
+    directory = save(reference("RobertaForMaskedLM"), tmp_path / "mlm")
+    tensors = load_file(directory / "model.safetensors")
+    save_file({k.replace("roberta.", "bert.", 1): v for k, v in tensors.items()}, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*'bert\.embeddings"):
+        ours.RobertaForMaskedLM.from_pretrained(directory)
 
 
 def test_head_the_checkpoint_lacks(masked_lm_dir):

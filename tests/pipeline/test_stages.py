@@ -335,7 +335,7 @@ def test_task_needs_the_right_head(checkpoints, tmp_path):
     ("score", "causal_lm", dict(stride=0), r"--stride 0: must be between 1 and the window \(128 tokens\)"),
     ("score", "masked_lm", dict(stride=128), r"--stride 128: must be between 1"),
     ("embed", "base", dict(pooling="max"), r"pooling 'max': choose one of \('mean', 'cls', 'pooler'\)"),
-    ("embed", "base", dict(embedding_dtype="bfloat16"), "embedding_dtype 'bfloat16': choose one of"),
+    ("embed", "base", dict(embedding_dtype="bfloat16"), "--embedding-dtype 'bfloat16': choose one of"),
     ("fill-mask", "masked_lm", dict(top_k=0), "--top-k 0: must be at least 1"),
 ])  # fmt: skip
 def test_task_options_are_checked_before_any_model_loads(checkpoints, task, model, options, error):

@@ -75,6 +75,6 @@ def test_a_row_the_tokenizer_cannot_take_fails_alone(checkpoints, monkeypatch):
     out = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(tokenize(table(["good one", "boom", "fine"])))
     assert out["error"].to_pylist() == [None, "tokenizer failed: RuntimeError: cannot encode boom", None]
     assert out["label"].to_pylist()[1] is None and None not in out["label"].to_pylist()[::2]
-    alone = Infer(str(checkpoints["classifier"]), "classify", device="cpu")(Tokenize(str(checkpoints["classifier"]))(table(["good one", "fine"])))
+    logits = reference.classify(checkpoints["classifier"], ["good one", "fine"])
     np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False)[::2]),
-                               np.stack(alone["probs"].to_numpy(zero_copy_only=False)), atol=1e-6)  # fmt: skip
+                               np.exp(logits) / np.exp(logits).sum(1, keepdims=True), atol=1e-4)  # fmt: skip
