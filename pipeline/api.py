@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import ray
 
+from pipeline import storage
 from pipeline.runner import DEFAULT_ID, Options, build, check_job, check_schema, init_ray, job_columns
 from pipeline.tasks import TaskOptions
 from pipeline.tokenize import InputError
 
 
+PATHS = (str, os.PathLike, list, tuple)
+
+
 def as_dataset(data) -> ray.data.Dataset:
-    """Parquet paths are read with Ray Data's `row_hash` (file path and row position), the id a job
-    derives for input without one: the API's ids then equal a job's over the same paths."""
+    """Parquet paths are listed as a job lists them (`storage.parquet_files`: absolute local paths)
+    and read with Ray Data's `row_hash` (file path and row position), the id a job derives for
+    input without one: the API's ids then equal a job's over the same files, however the path is spelled."""
     init_ray()
     if isinstance(data, ray.data.Dataset):
         return data
-    if isinstance(data, (str, list)):
-        return ray.data.read_parquet(data, include_row_hash=True, partitioning=None)  # as jobs read: `x=y/` is no column
+    if isinstance(data, PATHS):
+        fs, files = storage.parquet_files([os.fspath(p) for p in data] if isinstance(data, (list, tuple)) else os.fspath(data))
+        return ray.data.read_parquet([f.path for f in files], filesystem=storage.arrow_filesystem(fs), include_row_hash=True,
+                                     partitioning=None)  # as jobs read: `x=y/` is no column  # fmt: skip
     if isinstance(data, pa.Table):
         return ray.data.from_arrow(data)
     if hasattr(data, "to_parquet"):  # pandas DataFrame, without importing pandas here
@@ -40,7 +49,7 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
         schema = ds.take_batch(1, batch_format="pyarrow").schema
     derive_id = check_schema(schema, options, "dataset")
     if derive_id:  # from the file path and row position that only Parquet paths have (`as_dataset`)
-        if not isinstance(data, (str, list)):
+        if not isinstance(data, PATHS):
             raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")
         ds = ds.rename_columns({"row_hash": id_column})
     return build(ds.select_columns(job_columns(options)), options)

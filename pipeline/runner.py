@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -43,12 +44,13 @@ from model import RobertaTokenizer
 from model.loading import DTYPES
 from pipeline import shards, storage, workers
 from pipeline.stages import Infer
-from pipeline.tokenize import InputError, Tokenize, is_text
+from pipeline.tokenize import ADDED_COLUMNS, InputError, Tokenize, is_text
 from pipeline.storage import Shard
-from pipeline.tasks import Task, TaskError, TaskOptions, make_task
+from pipeline.tasks import TASKS, Task, TaskError, TaskOptions, make_task
 
 DEFAULT_ID = "id"
 PATH = "path"  # Ray Data's column naming each row's input file (include_paths)
+ROW_HASH_TYPE = pa.uint64()  # of Ray Data's row_hash, the derived id
 NO_TRUNCATION = 2**31 - 1
 ROWS_PER_BLOCK = 1024  # rows per block from the reader to the tokenizers
 # Rows per Infer call, by device. A call sorts its rows by length and cuts them by the token budget;
@@ -285,6 +287,11 @@ def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
         raise InputError(f"{source}: --keep-columns {missing} not found; available columns: {names}")
     if PATH in (options.text_column, options.pair_column, options.id_column, *options.keep_columns):
         raise InputError(f"{source}: the column name {PATH!r} is reserved for the input path; rename that column")
+    written = set(ADDED_COLUMNS) | set(TASKS[options.task].outputs)
+    clashes = [c for c in (options.id_column, *options.keep_columns) if c in written]
+    if clashes:
+        raise InputError(f"{source}: {clashes} would be written twice: the {options.task} output has columns of those names "
+                         f"({sorted(written)}); leave them out of --keep-columns, or rename them in the input")  # fmt: skip
     if options.id_column in names:
         id_type = schema.field(options.id_column).type
         if pa.types.is_nested(id_type) or pa.types.is_dictionary(id_type):
@@ -335,9 +342,35 @@ def check_shards(footers: dict[Shard, pq.FileMetaData], options: Options) -> boo
     return bool(derive_id)
 
 
+def check_results_schema(out: shards.Output, kept: list[dict], todo: dict[Shard, pq.FileMetaData], derive_id: bool,
+                         options: Options) -> None:  # fmt: skip
+    """The shards to run give the columns already in the output the types the results there have
+    (`check_shards` made them agree with each other): an output is read as one dataset, and one
+    column of two types makes it unreadable. One footer read, of a result file that stays."""
+    committed = next((m["output"] for m in kept if m["output"]), None)
+    if committed is None:
+        return
+    existing = pq.read_schema(out.join(committed), filesystem=out.arrow_fs)
+    shard, meta = next(iter(todo.items()))
+    schema = meta.schema.to_arrow_schema()
+    for column in job_columns(options):
+        type_ = ROW_HASH_TYPE if derive_id and column == options.id_column else schema.field(column).type if column in schema.names else None
+        if type_ is not None and column in existing.names and existing.field(column).type != type_:
+            derived = " (derived: the input has no id column)" if derive_id and column == options.id_column else ""
+            raise InputError(f"{shard.path}: column {column!r} has type {type_}{derived}, but the results already in "
+                             f"{out.uri} hold it as {existing.field(column).type} ({committed}): an output is read as one "
+                             f"dataset, so every shard must give a column one type. Cast it in this file, or write the "
+                             "job to a new --output (--overwrite replaces the old results)")  # fmt: skip
+
+
 def job_columns(options: Options) -> list[str]:
     columns = [options.id_column, options.text_column, options.pair_column, *options.keep_columns]
     return list(dict.fromkeys(c for c in columns if c))
+
+
+def read_columns(options: Options, derive_id: bool) -> list[str]:
+    """The columns a job reads from its input files (a derived id is Ray Data's, not a column)."""
+    return [c for c in job_columns(options) if not (derive_id and c == options.id_column)]
 
 
 def settings(options: Options) -> dict:
@@ -367,10 +400,12 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             check_same_job(marker, job, output)
         listed = {shards.shard_key(s.path) for s in inputs}
         stale = sorted(m["input"] for m in markers.values() if m["key"] not in listed)
-        if prune:  # their result files then go as any file without a marker does (`clean`)
+        if prune:  # the marker first: a kill in between leaves a file without one, which `clean` deletes
             for key in [k for k in markers if k not in listed]:
-                del markers[key]
+                pruned = markers.pop(key)
                 out.remove(out.join(shards.MANIFEST, f"{key}.json"))
+                if pruned["output"]:
+                    out.remove(out.join(pruned["output"]))
         entries = out.entries()
         present = set(entries)
         finished = {m["key"]: m for m in markers.values() if m["output"] is None or m["output"] in present}
@@ -380,6 +415,9 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             raise InputError(f"input {input} holds no rows ({len(inputs)} Parquet file(s), all empty)")
         todo = {s: m for s, m in footers.items() if m.num_rows}
         derive_id = check_shards(todo, options) if todo else False  # before Ray starts: a bad column fails fast
+        if todo:
+            redone = {shards.shard_key(s.path) for s in footers}
+            check_results_schema(out, [m for k, m in finished.items() if k not in redone], todo, derive_id, options)
         if overwrite:  # only once the input has passed its checks
             out.clear()
             entries = []
@@ -396,6 +434,9 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             wall = time.perf_counter() - start
             finished.update({m["key"]: m for m in new})
             kept = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
+            # A file skipped as unreadable keeps the results of its earlier, readable version: in the
+            # output and its counts, but not reused (nor run).
+            skipped_kept = [m for m in kept if m["input"] in {e["file"] for e in skipped}]
             current = kept + [m for k, m in finished.items() if k not in listed]  # the whole output
             totals = {k: sum(m["counts"].get(k, 0) for m in current) for k in shards.COUNTS}  # older markers lack null_ids
             digest = output_digest(current)
@@ -405,7 +446,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             check_failures(*(sum(m["counts"][k] for m in kept) for k in ("failed_rows", "rows")), max_failed_fraction, final=True)
             tokens_run = sum(m["counts"]["tokens"] for m in new)
             summary = Summary(task=options.task, output=output, **totals,
-                              shards=len(inputs), shards_run=len(new), shards_reused=len(kept) - len(new),
+                              shards=len(inputs), shards_run=len(new), shards_reused=len(kept) - len(new) - len(skipped_kept),
                               rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
                               tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
                               ray_start_seconds=round(ray_start, 3), method=method, skipped_files=skipped,
@@ -415,19 +456,55 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         except (InputError, shards.OutputLocked):
             raise
         except Exception as e:  # a lost node, a storage outage, a killed actor beyond retries...
+            damaged = damaged_file(fs, innermost(e), read_columns(options, derive_id))
+            if damaged is not None:
+                raise damaged from e
             raise JobInterrupted(f"job writing {output} stopped: {root_cause(e)}\nShards committed before the failure are "
                                  "kept. If the cause was passing (a lost node, a storage outage), rerun the same command "
                                  "to run the rest (each input row ends up in the output exactly once)") from e  # fmt: skip
     return summary
 
 
-def root_cause(error: BaseException, limit: int = 2000) -> str:
-    """The innermost error, as "Type: message": Ray wraps a worker's error (RayTaskError's `cause`,
-    Ray Data's UserCodeException's `__cause__`), and the wrappers' first lines name only the task."""
+def innermost(error: BaseException) -> BaseException:
+    """Ray wraps a worker's error (RayTaskError's `cause`, Ray Data's UserCodeException's
+    `__cause__`), and the wrappers' first lines name only the task: the error inside them all."""
     while isinstance(inner := getattr(error, "cause", None) or error.__cause__, BaseException) and inner is not error:
         error = inner
+    return error
+
+
+def root_cause(error: BaseException, limit: int = 2000) -> str:
+    """The innermost error, as "Type: message"."""
+    error = innermost(error)
     message = str(error).strip()
     return f"{type(error).__name__}: {message[:limit]}{' [...]' if len(message) > limit else ''}"
+
+
+# What Ray Data appends to an error of its Parquet read (ray/data/_internal/util.py, Ray 2.60): the
+# file it was reading. Should a later Ray word it otherwise, a damaged file is reported as any fault.
+READ_FAILURE = re.compile(r"Failed to read fragment (.+?) after \d+/\d+ attempts")
+
+
+def damaged_file(fs, error: BaseException, columns: list[str]) -> InputError | None:
+    """After Ray Data failed reading a file whose footer had read (`read_footers`): its bytes are
+    fetched again here and parsed in memory. If they do not parse, the file is damaged and a rerun
+    would fail the same way: an InputError naming it. If they parse, or cannot be fetched, the cause
+    was the storage or the cluster: None."""
+    match = READ_FAILURE.search(str(error))
+    if match is None:
+        return None
+    path = match.group(1)
+    try:
+        data = fs.cat_file(path)
+    except Exception:  # noqa: BLE001 - the storage, not the file: a fault to rerun
+        return None
+    try:
+        pq.read_table(pa.BufferReader(data), columns=columns)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged data
+        cause = str(e).strip().splitlines()[0]
+        return InputError(f"{path}: its footer reads but its data does not ({type(e).__name__}: {cause}); replace or remove "
+                          "the file (--skip-bad-files judges files by their footers and cannot skip it)")  # fmt: skip
+    return None
 
 
 def check_same_job(marker: dict, job: dict, output: str) -> None:
@@ -494,7 +571,7 @@ def check_failures(failed: int, rows: int, max_fraction: float, final: bool) -> 
 def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, derive_id: bool,
                    storage_options: dict | None, run: str) -> ray.data.Dataset:  # fmt: skip
     """read_parquet -> Tokenize -> Infer -> write pieces: a dataset of (shard, piece, rows, failed)."""
-    columns = [c for c in job_columns(options) if not (derive_id and c == options.id_column)]
+    columns = read_columns(options, derive_id)
     # partitioning=None: a folder named like `text=foo/` is not a column (the footers' checks saw none).
     ds = ray.data.read_parquet([s.path for s in todo], filesystem=storage.arrow_filesystem(fs), partitioning=None,
                                columns=columns, include_paths=True, include_row_hash=derive_id, num_cpus=0.25)  # fmt: skip

@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from model import RobertaConfig, RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
-from model.loading import match_checkpoint
+from model.loading import CheckpointError, match_checkpoint
 from model.roberta import POOLINGS, problem_type, sentence_embedding, to_device
 
 
@@ -82,6 +82,7 @@ def checkpoint_heads(model_dir: str | Path) -> set[str]:
 class Task:
     name: str
     needs: tuple[str, ...]  # any one of these heads will do
+    outputs: tuple[str, ...]  # every column `columns` may write
     # Whether `run` cuts one row's work by the budget (score's windows and masked copies): only then
     # can a smaller budget make a single row fit after a CUDA out-of-memory.
     splits_rows: bool = False
@@ -154,6 +155,7 @@ class Classify(Task):
     single-label for several (`model.roberta.problem_type`, the loss's rule)."""
 
     name, needs = "classify", ("classifier",)
+    outputs = ("label", "label_id", "labels", "score", "probs", "logits")
 
     def check_options(self, config):
         super().check_options(config)
@@ -202,7 +204,7 @@ class Classify(Task):
 class Embed(Task):
     """Column embedding: fixed-size list of float32 (or float16), pooled mean/cls/pooler."""
 
-    name, needs = "embed", ("base",)
+    name, needs, outputs = "embed", ("base",), ("embedding",)
     EMBEDDING_DTYPES = ("float32", "float16")
 
     def check_options(self, config):
@@ -214,6 +216,14 @@ class Embed(Task):
 
     def model_class(self):
         return RobertaModel, {"add_pooling_layer": self.options.pooling == "pooler"}
+
+    def check_weights(self):
+        try:
+            super().check_weights()
+        except CheckpointError as e:  # its hint is the Python API's (add_pooling_layer=False); here it is a flag
+            if self.options.pooling == "pooler" and "has no pooler" in str(e):
+                raise TaskError(f"--pooling pooler: {self.model_dir} has no pooler weights; use --pooling mean or cls") from None
+            raise
 
     def run(self, model, ids, mask, lengths, budget):
         e = sentence_embedding(encode(model, ids, mask, lengths), mask, self.options.pooling, self.options.normalize)
@@ -228,7 +238,7 @@ class FillMask(Task):
     """Column predictions: per <mask> in the row (in order), the top-k {token_id, token, probability}.
     Rows without a mask get an empty list. The LM head runs only at mask positions."""
 
-    name, needs = "fill-mask", ("masked_lm",)
+    name, needs, outputs = "fill-mask", ("masked_lm",), ("predictions",)
     PREDICTION = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("probability", pa.float32())])
 
     def check_options(self, config):
@@ -279,7 +289,7 @@ class Score(Task):
     Neither method builds (tokens, V) logits for a whole batch: the LM head runs in chunks over the
     scored positions only."""
 
-    name, needs = "score", ("causal_lm", "masked_lm")
+    name, needs, outputs = "score", ("causal_lm", "masked_lm"), ("log_likelihood", "num_tokens", "perplexity")
     splits_rows = True
 
     def __init__(self, model_dir, options):

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from model.tokenizer import RobertaTokenizer
 
 TOKENS = "input_ids"  # list<int32> token ids, the only thing that travels from Tokenize to Infer
+ADDED_COLUMNS = (TOKENS, "input_tokens", "truncated", "error")  # what Tokenize adds to a batch
 
 
 class InputError(ValueError):

@@ -108,12 +108,55 @@ def test_unreadable_parquet_is_named_or_skipped_then_picked_up(ray_session, clas
     assert (summary.shards_run, summary.shards_reused, summary.rows) == (1, 1, 12)
     assert read(out)["id"].to_pylist() == list(range(12))
 
+    (inp / "good.parquet").write_bytes(b"damaged since")  # its earlier results stay, but are not "reused"
+    summary = run(str(inp), str(out), classify, skip_bad_files=True)
+    assert (summary.shards_run, summary.shards_reused, summary.rows) == (0, 1, 12)
+    assert [s["file"].rsplit("/", 1)[1] for s in summary.skipped_files] == ["good.parquet"]
+
+
+def test_a_file_whose_data_is_damaged_is_named_not_called_a_passing_fault(ray_session, classify, reviews, tmp_path):
+    """Its footer reads, so the checks before the run (and --skip-bad-files) pass it, but Ray Data's
+    read fails: the driver parses the file again and names it. A file that parses is a fault to rerun."""
+    import fsspec
+
+    from pipeline.runner import damaged_file
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write(inp, "good.parquet", range(6), reviews[:6])
+    write(inp, "damaged.parquet", range(6, 12), reviews[6:12])
+    data = bytearray((inp / "damaged.parquet").read_bytes())
+    data[4:200] = b"\xff" * 196  # the first page headers, after the magic bytes
+    (inp / "damaged.parquet").write_bytes(bytes(data))
+    assert pq.ParquetFile(inp / "damaged.parquet").metadata.num_rows == 6
+    with pytest.raises(InputError, match=r"in/damaged.parquet: its footer reads but its data does not \(OSError: "):
+        run(str(inp), str(out), classify, skip_bad_files=True)
+    healthy = OSError(f"timeout\nFailed to read fragment {inp / 'good.parquet'} after 10/10 attempts (total backoff 9.0s).")
+    assert damaged_file(fsspec.filesystem("file"), healthy, ["id", "text"]) is None
+
 
 def test_mixed_schemas_name_both_files(classify, reviews, tmp_path):
     write(tmp_path / "in", "a.parquet", range(3), reviews[:3])
     pq.write_table(pa.table({"id": ["x", "y"], "text": reviews[3:5]}), tmp_path / "in" / "b.parquet")
     with pytest.raises(InputError, match=r"mixed schemas: .*in/b.parquet gives columns \{'id': DataType\(string\).*in/a.parquet gives"):
         run(str(tmp_path / "in"), str(tmp_path / "out"), classify)
+
+
+def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, classify, reviews, tmp_path):
+    """An output is read as one dataset: a kept column (or the id) of another type than the
+    results already there hold would make it unreadable, and every later run fail."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    keep = Options(**{**classify.__dict__, "keep_columns": ("source",)})
+    write(inp, "a.parquet", range(3), reviews[:3], source=pa.array([1.0, 2.0, 3.0]))
+    run(str(inp), str(out), keep)
+    write(inp, "b.parquet", range(3, 5), reviews[3:5], source=pa.array(["imdb", "rt"]))
+    with pytest.raises(InputError, match=r"in/b.parquet: column 'source' has type string, but the results already in .* hold it as double"):
+        run(str(inp), str(out), keep)
+    pq.write_table(pa.table({"text": reviews[3:5], "source": [4.0, 5.0]}), inp / "b.parquet")  # no id: a derived one, uint64
+    with pytest.raises(InputError, match=r"column 'id' has type uint64 \(derived: the input has no id column\), but .* int64"):
+        run(str(inp), str(out), keep)
+    write(inp, "b.parquet", range(3, 5), reviews[3:5], source=pa.array([4.0, 5.0]))
+    assert run(str(inp), str(out), keep).rows == 5
+    assert pq.read_table(out)["source"].type == pa.float64()
 
 
 def bad_utf8_table(ids, texts_bytes):
@@ -209,6 +252,7 @@ def test_inputs_gone_since_stay_listed_as_stale_or_are_pruned(ray_session, class
     assert (kept.stale_shards, kept.pruned_shards) == (gone, [])
     pruned = run(str(inp), str(out), classify, prune=True)
     assert (pruned.shards_run, pruned.rows, pruned.duplicate_ids, pruned.stale_shards, pruned.pruned_shards) == (0, 20, 0, [], gone)
+    assert pruned.abandoned_files == []  # deleted as pruned, not found abandoned
     assert read(out)["id"].to_pylist() == list(range(10)) + list(range(20, 30))
     assert run(str(inp), str(out), classify).stale_shards == []
 
@@ -257,6 +301,11 @@ def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp
     for fraction in (-1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="--max-failed-fraction .*between 0 and 1"):
             run(str(inp), out, classify, max_failed_fraction=fraction)
+
+    clash = tmp_path / "clash"
+    write(clash, "p.parquet", range(2), reviews[:2], label=pa.array(["gold", "gold"]))
+    with pytest.raises(InputError, match=r"\['label'\] would be written twice: the classify output has columns of those names"):
+        run(str(clash), out, Options(**{**classify.__dict__, "keep_columns": ("label",)}))
 
     nested = tmp_path / "nested"
     nested.mkdir()

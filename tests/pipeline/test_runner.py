@@ -81,7 +81,7 @@ def test_every_task_runs_end_to_end(ray_session, checkpoints, shards, corpus, tm
     assert out["predictions"].to_pylist() == [[] for _ in texts]  # reviews have no <mask>: empty lists
 
 
-def test_missing_id_column_derives_stable_ids(ray_session, checkpoints, tmp_path, corpus):
+def test_missing_id_column_derives_stable_ids(ray_session, checkpoints, tmp_path, corpus, monkeypatch):
     (tmp_path / "in").mkdir()
     pq.write_table(corpus.drop_columns(["id"]), tmp_path / "in" / "part.parquet")
     options = Options(task="classify", model=str(checkpoints["classifier"]))
@@ -91,8 +91,10 @@ def test_missing_id_column_derives_stable_ids(ray_session, checkpoints, tmp_path
     assert a.schema.field("id").type == pa.uint64()
     assert len(set(a["id"].to_pylist())) == corpus.num_rows
     assert set(a["id"].to_pylist()) == set(b["id"].to_pylist())
-    api = pipeline.classify(str(tmp_path / "in"), model=checkpoints["classifier"]).to_pandas()  # the same ids
-    assert sorted(api["id"]) == sorted(a["id"].to_pylist())
+    monkeypatch.chdir(tmp_path)  # however the path is spelled (relative, a Path, a list), the same ids
+    for spelled in ("in", tmp_path / "in", ["in/part.parquet"]):
+        api = pipeline.classify(spelled, model=checkpoints["classifier"]).to_pandas()
+        assert sorted(api["id"]) == sorted(a["id"].to_pylist()), spelled
 
 
 def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):

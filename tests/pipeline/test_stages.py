@@ -343,6 +343,21 @@ def test_task_options_are_checked_before_any_model_loads(checkpoints, task, mode
         make_task(task, str(checkpoints[model]), TaskOptions(**options)).check()
 
 
+def test_pooler_pooling_on_a_checkpoint_without_one_names_the_flags(checkpoints):
+    with pytest.raises(TaskError, match="--pooling pooler: .* has no pooler weights; use --pooling mean or cls"):
+        make_task("embed", str(checkpoints["masked_lm"]), TaskOptions(pooling="pooler")).check_weights()
+
+
+@pytest.mark.parametrize("task, model, options", [
+    ("classify", "classifier", dict(logits=True)), ("embed", "base", {}), ("fill-mask", "masked_lm", {}), ("score", "causal_lm", {}),
+])  # fmt: skip
+def test_a_task_writes_only_the_columns_it_declares(checkpoints, texts, task, model, options):
+    """`Task.outputs` is what the job checks kept input columns against (they would clash)."""
+    out = run_infer(checkpoints[model], task, texts[:3], **options)
+    written = set(out.column_names) - {"id", "input_tokens", "truncated", "error"}
+    assert written and written <= set(make_task(task, str(checkpoints[model])).outputs)
+
+
 def test_scoring_a_causal_lm_needs_its_causal_attention(checkpoints, tmp_path):
     """A RobertaForCausalLM saved with is_decoder false attends both ways: every token would see the
     one it is scored on. Refused, rather than log-likelihoods near 0."""
