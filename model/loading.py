@@ -75,6 +75,9 @@ _TEMPLATES = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), 
 _INVERSE = [(re.compile("^" + re.escape(v).replace(r"\{\}", r"(\d+)") + "$"), k) for k, v in CHECKPOINT_KEYS.items() if v]
 
 
+NO_POOLER = "  (this checkpoint has no pooler: load RobertaModel with add_pooling_layer=False)"
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory this package cannot load; the message says what and what to do."""
 
@@ -150,7 +153,8 @@ def resolve_dtype(dtype, local_dir: Path | None = None, files: list[Path] = ()) 
     if dtype is None:
         return torch.float32
     if dtype == "auto":
-        config = json.loads((local_dir / "config.json").read_text())
+        path = local_dir / "config.json"  # absent when the caller passes config=
+        config = json.loads(path.read_text()) if path.is_file() else {}
         dtype = config.get("dtype") or config.get("torch_dtype")
         if dtype is None:
             for file in files:
@@ -173,7 +177,10 @@ def build_config(cls, local_dir: Path, config: RobertaConfig | None, kwargs: dic
     fields = {f.name for f in dataclasses.fields(RobertaConfig)}
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     config = config or RobertaConfig.from_pretrained(local_dir)
-    if overrides.keys() & {"num_labels"} and "id2label" not in overrides:  # new labels, named as transformers names them
+    # Labels as transformers sets them: id2label gives their number; a new number alone, new names.
+    if "id2label" in overrides:
+        overrides = {"num_labels": len(overrides["id2label"]), "label2id": {}, **overrides}
+    elif overrides.get("num_labels", config.num_labels) != config.num_labels:
         overrides |= {"id2label": {}, "label2id": {}}
     config = dataclasses.replace(config, **overrides) if overrides else config
     takes = set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
@@ -239,7 +246,7 @@ def match_checkpoint(cls, local_dir, config: RobertaConfig | None = None, **kwar
         lines += [f"  missing keys: {missing}"] if missing else []
         lines += [f"  mismatched tensors: {mismatched}"] if mismatched else []
         if missing and any(k.startswith(("pooler.", "roberta.pooler.")) for k in missing):
-            lines.append("  (this checkpoint has no pooler: load RobertaModel with add_pooling_layer=False)")
+            lines.append(NO_POOLER)
         raise CheckpointError("\n".join(lines))
     return model, sources, tied
 

@@ -16,17 +16,20 @@ from pipeline.tokenize import InputError
 PATHS = (str, os.PathLike, list, tuple)
 
 
-def as_dataset(data) -> ray.data.Dataset:
+def as_dataset(data, storage_options: dict | None = None) -> ray.data.Dataset:
     """Parquet paths are listed as a job lists them (`storage.parquet_files`: absolute local paths)
     and read with Ray Data's `row_hash` (file path and row position), the id a job derives for
-    input without one: the API's ids then equal a job's over the same files, however the path is spelled."""
+    input without one: the API's ids then equal a job's over the same files, however the path is spelled.
+    storage_options: fsspec's, for s3:// paths (as --storage-options)."""
+    if isinstance(data, PATHS):
+        paths = [os.fspath(p) for p in data] if isinstance(data, (list, tuple)) else os.fspath(data)
+        fs, files = storage.parquet_files(paths, storage_options)
+        init_ray(filesystems=[fs])  # an embedded Ray's workers then import s3fs first (pipeline/workers.py)
+        return ray.data.read_parquet([f.path for f in files], filesystem=storage.arrow_filesystem(fs), include_row_hash=True,
+                                     partitioning=None)  # as jobs read: `x=y/` is no column  # fmt: skip
     init_ray()
     if isinstance(data, ray.data.Dataset):
         return data
-    if isinstance(data, PATHS):
-        fs, files = storage.parquet_files([os.fspath(p) for p in data] if isinstance(data, (list, tuple)) else os.fspath(data))
-        return ray.data.read_parquet([f.path for f in files], filesystem=storage.arrow_filesystem(fs), include_row_hash=True,
-                                     partitioning=None)  # as jobs read: `x=y/` is no column  # fmt: skip
     if isinstance(data, pa.Table):
         return ray.data.from_arrow(data)
     if hasattr(data, "to_parquet"):  # pandas DataFrame, without importing pandas here
@@ -35,19 +38,19 @@ def as_dataset(data) -> ray.data.Dataset:
 
 
 def apply(task: str, data, model: str, text_column: str = "text", id_column: str = DEFAULT_ID,
-          keep_columns=(), **settings) -> ray.data.Dataset:  # fmt: skip
+          keep_columns=(), storage_options: dict | None = None, **settings) -> ray.data.Dataset:  # fmt: skip
     """Run `task` over `data` lazily. settings: the fields of `Options` and of `TaskOptions`."""
     task_fields = TaskOptions.__dataclass_fields__
     task_options = TaskOptions(**{k: v for k, v in settings.items() if k in task_fields})
     options = Options(task=task, model=str(model), text_column=text_column, id_column=id_column,
                       keep_columns=(keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns), task_options=task_options,
                       **{k: v for k, v in settings.items() if k not in task_fields})  # fmt: skip
-    check_job(options)
-    ds = as_dataset(data)
+    job_task, _ = check_job(options)
+    ds = as_dataset(data, storage_options)
     schema = ds.schema().base_schema
     if not isinstance(schema, pa.Schema):  # a dataset of pandas blocks: look at one row as Arrow
         schema = ds.take_batch(1, batch_format="pyarrow").schema
-    derive_id = check_schema(schema, options, "dataset")
+    derive_id = check_schema(schema, options, job_task, "dataset")
     if derive_id:  # from the file path and row position that only Parquet paths have (`as_dataset`)
         if not isinstance(data, PATHS):
             raise InputError(f"dataset: no id column {id_column!r}; available columns: {ds.schema().names}. Add one or pass id_column=")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ from pipeline import shards, storage, workers
 from pipeline.stages import Infer
 from pipeline.tokenize import ADDED_COLUMNS, InputError, Tokenize, is_text
 from pipeline.storage import Shard
-from pipeline.tasks import TASKS, Task, TaskError, TaskOptions, make_task
+from pipeline.tasks import Task, TaskError, TaskOptions, make_task
 
 DEFAULT_ID = "id"
 PATH = "path"  # Ray Data's column naming each row's input file (include_paths)
@@ -272,7 +273,7 @@ def check_job(options: Options, address: str | None = None) -> tuple[Task, int]:
     return task, specials
 
 
-def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
+def check_schema(schema: pa.Schema, options: Options, task: Task, source: str) -> bool:
     """Early, clear errors for the columns a job needs. Returns whether the id must be derived."""
     names = schema.names
     for role, name in [("--text-column", options.text_column), ("--pair-column", options.pair_column)]:
@@ -287,11 +288,11 @@ def check_schema(schema: pa.Schema, options: Options, source: str) -> bool:
         raise InputError(f"{source}: --keep-columns {missing} not found; available columns: {names}")
     if PATH in (options.text_column, options.pair_column, options.id_column, *options.keep_columns):
         raise InputError(f"{source}: the column name {PATH!r} is reserved for the input path; rename that column")
-    written = set(ADDED_COLUMNS) | set(TASKS[options.task].outputs)
+    written = (*ADDED_COLUMNS, *task.output_columns())
     clashes = [c for c in (options.id_column, *options.keep_columns) if c in written]
     if clashes:
-        raise InputError(f"{source}: {clashes} would be written twice: the {options.task} output has columns of those names "
-                         f"({sorted(written)}); leave them out of --keep-columns, or rename them in the input")  # fmt: skip
+        raise InputError(f"{source}: {clashes} would be written twice: this job's output has columns of those names "
+                         f"({list(written)}); leave them out of --keep-columns, or rename them in the input")  # fmt: skip
     if options.id_column in names:
         id_type = schema.field(options.id_column).type
         if pa.types.is_nested(id_type) or pa.types.is_dictionary(id_type):
@@ -325,13 +326,13 @@ def read_footers(fs, pending: list[Shard], skip_bad_files: bool) -> tuple[dict[S
     return {s: m for s, m in footers.items() if s not in bad}, skipped
 
 
-def check_shards(footers: dict[Shard, pq.FileMetaData], options: Options) -> bool:
+def check_shards(footers: dict[Shard, pq.FileMetaData], options: Options, task: Task) -> bool:
     """Every shard must give the job the same columns with the same types (mixed schemas are named,
     never silently cast). Returns whether the id must be derived."""
     first, derive_id, types = None, None, None
     for shard, meta in footers.items():
         schema = meta.schema.to_arrow_schema()
-        derives = check_schema(schema, options, shard.path)
+        derives = check_schema(schema, options, task, shard.path)
         used = [c for c in job_columns(options) if c in schema.names]
         shard_types = {c: schema.field(c).type for c in used}
         if first is None:
@@ -346,12 +347,20 @@ def check_results_schema(out: shards.Output, kept: list[dict], todo: dict[Shard,
                          options: Options) -> None:  # fmt: skip
     """The shards to run give the columns already in the output the types the results there have
     (`check_shards` made them agree with each other): an output is read as one dataset, and one
-    column of two types makes it unreadable. One footer read, of a result file that stays."""
+    column of two types makes it unreadable. One footer read, of a result file that stays. Nor may
+    the shards' ids be derived where the results' are the input's own, or the other way round."""
+    shard, meta = next(iter(todo.items()))
+    derived = {m["derived_id"] for m in kept if "derived_id" in m}  # markers before 2026-11-27 lack it
+    if derived and derived != {derive_id}:
+        ours, theirs = ("no id column, so its ids would be derived", "the input's own ids") if derive_id else \
+            (f"an id column {options.id_column!r}", "ids derived from file and row")  # fmt: skip
+        raise InputError(f"{shard.path} has {ours}, but the results already in {out.uri} hold {theirs}: the ids of one "
+                         "output must mean one thing. Give every shard an id column or none, or write the job to a "
+                         "new --output (--overwrite replaces the old results)")  # fmt: skip
     committed = next((m["output"] for m in kept if m["output"]), None)
     if committed is None:
         return
     existing = pq.read_schema(out.join(committed), filesystem=out.arrow_fs)
-    shard, meta = next(iter(todo.items()))
     schema = meta.schema.to_arrow_schema()
     for column in job_columns(options):
         type_ = ROW_HASH_TYPE if derive_id and column == options.id_column else schema.field(column).type if column in schema.names else None
@@ -414,7 +423,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
         if not markers and footers and sum(m.num_rows for m in footers.values()) == 0:
             raise InputError(f"input {input} holds no rows ({len(inputs)} Parquet file(s), all empty)")
         todo = {s: m for s, m in footers.items() if m.num_rows}
-        derive_id = check_shards(todo, options) if todo else False  # before Ray starts: a bad column fails fast
+        derive_id = check_shards(todo, options, task) if todo else False  # before Ray starts: a bad column fails fast
         if todo:
             redone = {shards.shard_key(s.path) for s in footers}
             check_results_schema(out, [m for k, m in finished.items() if k not in redone], todo, derive_id, options)
@@ -428,7 +437,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             ray_start = init_ray(address, [fs, out.fs])
             start = time.perf_counter()
         try:
-            new = run_shards(fs, footers, derive_id, out, options, {**job, "run": lease.run}, lease, storage_options,
+            new = run_shards(fs, footers, derive_id, out, options, {**job, "run": lease.run, "derived_id": derive_id}, lease, storage_options,
                              max_failed_fraction, specials)  # fmt: skip
             out.drop_staging()
             wall = time.perf_counter() - start
@@ -486,24 +495,31 @@ READ_FAILURE = re.compile(r"Failed to read fragment (.+?) after \d+/\d+ attempts
 
 
 def damaged_file(fs, error: BaseException, columns: list[str]) -> InputError | None:
-    """After Ray Data failed reading a file whose footer had read (`read_footers`): its bytes are
-    fetched again here and parsed in memory. If they do not parse, the file is damaged and a rerun
-    would fail the same way: an InputError naming it. If they parse, or cannot be fetched, the cause
-    was the storage or the cluster: None."""
+    """After Ray Data failed reading a file whose footer had read (`read_footers`): the file is
+    parsed again here, a row group at a time, from a local copy (fetched first: an error fetching
+    it is the storage's, not the file's). If it does not parse, it is damaged and a rerun would fail
+    the same way: an InputError naming it. If it parses, or cannot be fetched, or the driver runs
+    out of memory, the cause was the storage or the cluster: None."""
     match = READ_FAILURE.search(str(error))
     if match is None:
         return None
     path = match.group(1)
-    try:
-        data = fs.cat_file(path)
-    except Exception:  # noqa: BLE001 - the storage, not the file: a fault to rerun
-        return None
-    try:
-        pq.read_table(pa.BufferReader(data), columns=columns)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged data
-        cause = str(e).strip().splitlines()[0]
-        return InputError(f"{path}: its footer reads but its data does not ({type(e).__name__}: {cause}); replace or remove "
-                          "the file (--skip-bad-files judges files by their footers and cannot skip it)")  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        local = path if storage.is_local(fs) else os.path.join(scratch, "shard.parquet")
+        try:
+            if local != path:
+                fs.get_file(path, local)
+        except Exception:  # noqa: BLE001 - the storage, not the file: a fault to rerun
+            return None
+        try:
+            for _ in pq.ParquetFile(local).iter_batches(columns=columns):
+                pass
+        except (MemoryError, pa.ArrowMemoryError):
+            return None
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged data
+            cause = str(e).strip().splitlines()[0]
+            return InputError(f"{path}: its footer reads but its data does not ({type(e).__name__}: {cause}); replace or "
+                              "remove the file (--skip-bad-files judges files by their footers and cannot skip it)")  # fmt: skip
     return None
 
 

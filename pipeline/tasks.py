@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from model import RobertaConfig, RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, RobertaTokenizer
-from model.loading import CheckpointError, match_checkpoint
+from model.loading import NO_POOLER, CheckpointError, match_checkpoint
 from model.roberta import POOLINGS, problem_type, sentence_embedding, to_device
 
 
@@ -82,7 +82,7 @@ def checkpoint_heads(model_dir: str | Path) -> set[str]:
 class Task:
     name: str
     needs: tuple[str, ...]  # any one of these heads will do
-    outputs: tuple[str, ...]  # every column `columns` may write
+    outputs: tuple[str, ...]  # the columns `columns` writes
     # Whether `run` cuts one row's work by the budget (score's windows and masked copies): only then
     # can a smaller budget make a single row fit after a CUDA out-of-memory.
     splits_rows: bool = False
@@ -137,6 +137,11 @@ class Task:
     def columns(self, outputs: dict[str, np.ndarray]) -> dict[str, pa.Array]:
         raise NotImplementedError
 
+    def output_columns(self) -> tuple[str, ...]:
+        """The columns `columns` writes for this checkpoint and these options (kept input columns
+        must not have these names)."""
+        return self.outputs
+
     def non_finite(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         """(B,) bool: rows with NaN or inf in any float output (an argmax over NaN would still give
         a label, so Infer fails these rows instead)."""
@@ -155,7 +160,8 @@ class Classify(Task):
     single-label for several (`model.roberta.problem_type`, the loss's rule)."""
 
     name, needs = "classify", ("classifier",)
-    outputs = ("label", "label_id", "labels", "score", "probs", "logits")
+    OUTPUTS = {"single_label_classification": ("label", "label_id", "score", "probs"),
+               "multi_label_classification": ("labels", "probs"), "regression": ("score",)}  # fmt: skip
 
     def check_options(self, config):
         super().check_options(config)
@@ -166,6 +172,10 @@ class Classify(Task):
 
     def model_class(self):
         return RobertaForSequenceClassification, {}
+
+    def output_columns(self):
+        kind = problem_type(RobertaConfig.from_pretrained(self.model_dir), labels=None)
+        return self.OUTPUTS[kind] + (("logits",) if self.options.logits else ())
 
     def load(self, dtype, device):
         model = super().load(dtype, device)
@@ -221,9 +231,7 @@ class Embed(Task):
         try:
             super().check_weights()
         except CheckpointError as e:  # its hint is the Python API's (add_pooling_layer=False); here it is a flag
-            if self.options.pooling == "pooler" and "has no pooler" in str(e):
-                raise TaskError(f"--pooling pooler: {self.model_dir} has no pooler weights; use --pooling mean or cls") from None
-            raise
+            raise CheckpointError(str(e).replace(NO_POOLER, "  (this checkpoint has no pooler: use --pooling mean or cls)")) from None
 
     def run(self, model, ids, mask, lengths, budget):
         e = sentence_embedding(encode(model, ids, mask, lengths), mask, self.options.pooling, self.options.normalize)

@@ -83,6 +83,9 @@ def test_dtype_auto_is_the_checkpoints_as_in_transformers(tmp_path):
     ours.RobertaForMaskedLM.from_pretrained(directory, dtype=torch.float16).save_pretrained(tmp_path / "ours")
     assert transformers.RobertaForMaskedLM.from_pretrained(tmp_path / "ours").dtype == torch.float16
     assert ours.RobertaForMaskedLM.from_pretrained(directory, dtype="float64").dtype == torch.float64
+    config = ours.RobertaConfig.from_pretrained(directory)
+    (directory / "config.json").unlink()  # config= given: "auto" reads the weights
+    assert ours.RobertaForMaskedLM.from_pretrained(directory, config=config, dtype="auto").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="'int8': a model's weights need a floating dtype"):
         ours.RobertaForMaskedLM.from_pretrained(directory, dtype="int8")
 
@@ -103,6 +106,11 @@ def test_config_fields_and_config_override_config_json(masked_lm_dir, tmp_path):
     theirs = transformers.RobertaConfig.from_pretrained(two, num_labels=3)
     relabeled, _ = build_config(ours.RobertaForSequenceClassification, two, None, {"num_labels": 3})
     assert relabeled.id2label == theirs.id2label and relabeled.label2id == theirs.label2id
+    for overrides in ({"num_labels": 2}, {"id2label": {0: "a", 1: "b", 2: "c"}}):  # names kept; names give the number
+        ours_config, _ = build_config(ours.RobertaForSequenceClassification, two, None, dict(overrides))
+        theirs = transformers.RobertaConfig.from_pretrained(two, **overrides)
+        assert (ours_config.num_labels, ours_config.id2label) == (theirs.num_labels, theirs.id2label)
+        assert ours_config.label2id == {v: k for k, v in ours_config.id2label.items()}  # transformers leaves it None here
     with pytest.raises(CheckpointError, match=r"classifier.out_proj.weight: checkpoint \(2, 32\), model \(3, 32\)"):
         ours.RobertaForSequenceClassification.from_pretrained(two, num_labels=3)
     with pytest.raises(TypeError, match=r"unknown arguments \['device_map'\].*add_pooling_layer"):

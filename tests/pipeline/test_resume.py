@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import InputError, Options, run, shards
+from pipeline import InputError, Options, TaskOptions, run, runner, shards
+from pipeline.tasks import make_task
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -152,11 +153,24 @@ def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, clas
     with pytest.raises(InputError, match=r"in/b.parquet: column 'source' has type string, but the results already in .* hold it as double"):
         run(str(inp), str(out), keep)
     pq.write_table(pa.table({"text": reviews[3:5], "source": [4.0, 5.0]}), inp / "b.parquet")  # no id: a derived one, uint64
+    with pytest.raises(InputError, match=r"b.parquet has no id column, so its ids would be derived, but the results already .* hold the input's own ids"):
+        run(str(inp), str(out), keep)
+    for marker in (out / "_manifest").iterdir():  # as markers written before they recorded derived_id: the types tell
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "derived_id"}))
     with pytest.raises(InputError, match=r"column 'id' has type uint64 \(derived: the input has no id column\), but .* int64"):
         run(str(inp), str(out), keep)
     write(inp, "b.parquet", range(3, 5), reviews[3:5], source=pa.array([4.0, 5.0]))
     assert run(str(inp), str(out), keep).rows == 5
     assert pq.read_table(out)["source"].type == pa.float64()
+
+    # Own ids of row_hash's type: the types agree, but the ids would mean two things.
+    inp, out = tmp_path / "own", tmp_path / "own-out"
+    inp.mkdir()
+    pq.write_table(pa.table({"id": pa.array([1, 2], pa.uint64()), "text": reviews[:2]}), inp / "a.parquet")
+    run(str(inp), str(out), classify)
+    pq.write_table(pa.table({"text": reviews[2:4]}), inp / "b.parquet")
+    with pytest.raises(InputError, match=r"b.parquet has no id column, so its ids would be derived, but the results already .* hold the input's own ids"):
+        run(str(inp), str(out), classify)
 
 
 def bad_utf8_table(ids, texts_bytes):
@@ -288,7 +302,6 @@ def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp
     import ray
 
     from model import CheckpointError
-    from pipeline import runner
 
     monkeypatch.setattr(runner, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the shared test cluster must not count
@@ -304,8 +317,13 @@ def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp
 
     clash = tmp_path / "clash"
     write(clash, "p.parquet", range(2), reviews[:2], label=pa.array(["gold", "gold"]))
-    with pytest.raises(InputError, match=r"\['label'\] would be written twice: the classify output has columns of those names"):
+    with pytest.raises(InputError, match=r"\['label'\] would be written twice: this job's output has columns of those names"):
         run(str(clash), out, Options(**{**classify.__dict__, "keep_columns": ("label",)}))
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("logits", pa.float32())])
+    runner.check_schema(schema, Options(**{**classify.__dict__, "keep_columns": ("logits",)}), make_task("classify", classify.model), "x")
+    with pytest.raises(InputError, match=r"\['logits'\] would be written twice"):  # only when this job writes logits
+        runner.check_schema(schema, Options(**{**classify.__dict__, "keep_columns": ("logits",)}),
+                            make_task("classify", classify.model, TaskOptions(logits=True)), "x")  # fmt: skip
 
     nested = tmp_path / "nested"
     nested.mkdir()

@@ -172,6 +172,14 @@ def test_classify_s3_to_s3(first_run, checkpoints, arrow_s3, s3_input):
     assert written["tokens"] == sum(out["input_tokens"].to_pylist()) == summary.tokens
 
 
+def test_python_api_reads_s3_with_storage_options(first_run, checkpoints, arrow_s3, storage_options):
+    """The API lists s3:// paths as jobs do, with the endpoint given only in storage_options."""
+    api = pipeline.classify(f"s3://{BUCKET}/in/", model=checkpoints["classifier"], storage_options=storage_options)
+    got = api.to_pandas().sort_values("id")
+    job = read_output(arrow_s3, "out").sort_by("id")
+    assert got["id"].tolist() == job["id"].to_pylist() and got["label"].tolist() == job["label"].to_pylist()
+
+
 def test_s3_rerun_resumes_and_overwrite_replaces(first_run, checkpoints, arrow_s3, s3_input, storage_options):
     options = Options(task="classify", model=str(checkpoints["classifier"]))
     listing = lambda: {i.path: i.mtime for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))}  # noqa: E731
