@@ -291,7 +291,7 @@ def check_schema(schema: pa.Schema, options: Options, task: Task, source: str) -
     written = (*ADDED_COLUMNS, *task.output_columns())
     clashes = [c for c in (options.id_column, *options.keep_columns) if c in written]
     if clashes:
-        raise InputError(f"{source}: {clashes} would be written twice: this job's output has columns of those names "
+        raise InputError(f"{source}: {clashes} would be written twice: this job adds columns of those names "
                          f"({list(written)}); leave them out of --keep-columns, or rename them in the input")  # fmt: skip
     if options.id_column in names:
         id_type = schema.field(options.id_column).type
@@ -350,7 +350,9 @@ def check_results_schema(out: shards.Output, kept: list[dict], todo: dict[Shard,
     column of two types makes it unreadable. One footer read, of a result file that stays. Nor may
     the shards' ids be derived where the results' are the input's own, or the other way round."""
     shard, meta = next(iter(todo.items()))
-    derived = {m["derived_id"] for m in kept if "derived_id" in m}  # markers before 2026-11-27 lack it
+    # Over results with rows: an empty shard's marker records the flag of a run with nothing to
+    # derive. Markers before 2026-11-27 lack it.
+    derived = {m["derived_id"] for m in kept if m["output"] and "derived_id" in m}
     if derived and derived != {derive_id}:
         ours, theirs = ("no id column, so its ids would be derived", "the input's own ids") if derive_id else \
             (f"an id column {options.id_column!r}", "ids derived from file and row")  # fmt: skip
@@ -509,11 +511,13 @@ def damaged_file(fs, error: BaseException, columns: list[str]) -> InputError | N
         try:
             if local != path:
                 fs.get_file(path, local)
+            handle = open(local, "rb")  # a file gone or unreadable since is no damage either
         except Exception:  # noqa: BLE001 - the storage, not the file: a fault to rerun
             return None
         try:
-            for _ in pq.ParquetFile(local).iter_batches(columns=columns):
-                pass
+            with handle:
+                for _ in pq.ParquetFile(handle).iter_batches(columns=columns):
+                    pass
         except (MemoryError, pa.ArrowMemoryError):
             return None
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged data

@@ -133,6 +133,8 @@ def test_a_file_whose_data_is_damaged_is_named_not_called_a_passing_fault(ray_se
         run(str(inp), str(out), classify, skip_bad_files=True)
     healthy = OSError(f"timeout\nFailed to read fragment {inp / 'good.parquet'} after 10/10 attempts (total backoff 9.0s).")
     assert damaged_file(fsspec.filesystem("file"), healthy, ["id", "text"]) is None
+    gone = OSError(f"Failed to read fragment {inp / 'gone.parquet'} after 1/10 attempts (total backoff 0.0s).")
+    assert damaged_file(fsspec.filesystem("file"), gone, ["id", "text"]) is None  # vanished since: a fault, not damage
 
 
 def test_mixed_schemas_name_both_files(classify, reviews, tmp_path):
@@ -162,6 +164,12 @@ def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, clas
     write(inp, "b.parquet", range(3, 5), reviews[3:5], source=pa.array([4.0, 5.0]))
     assert run(str(inp), str(out), keep).rows == 5
     assert pq.read_table(out)["source"].type == pa.float64()
+
+    # An empty shard's marker (no result file) records the flag of a run with nothing to derive: ignored.
+    todo = {shards.Shard(str(inp / "b.parquet"), 0, "v"): pq.ParquetFile(inp / "b.parquet").metadata}
+    runner.check_results_schema(shards.Output(str(out)), [{"output": None, "derived_id": False}], todo, True, keep)
+    with pytest.raises(InputError, match="has no id column, so its ids would be derived"):
+        runner.check_results_schema(shards.Output(str(out)), [{"output": "a.parquet", "derived_id": False}], todo, True, keep)
 
     # Own ids of row_hash's type: the types agree, but the ids would mean two things.
     inp, out = tmp_path / "own", tmp_path / "own-out"
@@ -317,7 +325,7 @@ def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp
 
     clash = tmp_path / "clash"
     write(clash, "p.parquet", range(2), reviews[:2], label=pa.array(["gold", "gold"]))
-    with pytest.raises(InputError, match=r"\['label'\] would be written twice: this job's output has columns of those names"):
+    with pytest.raises(InputError, match=r"\['label'\] would be written twice: this job adds columns of those names"):
         run(str(clash), out, Options(**{**classify.__dict__, "keep_columns": ("label",)}))
     schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("logits", pa.float32())])
     runner.check_schema(schema, Options(**{**classify.__dict__, "keep_columns": ("logits",)}), make_task("classify", classify.model), "x")
