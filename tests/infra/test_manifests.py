@@ -149,8 +149,11 @@ def test_dockerfile_and_launcher_ship_what_the_package_needs():
     sources = [word for line in lines if line.startswith("COPY ") for word in line.split()[1:-1] if not word.startswith("--")]
     needed = {*PROJECT["tool"]["setuptools"]["packages"], "pyproject.toml", PROJECT["project"]["readme"]}
     assert set(sources) == needed
-    mounted = {local for local in LAUNCH["file_mounts"].values() if not local.startswith("~")}
-    assert mounted == needed
+    # The launcher syncs the whole checkout as one folder, less what .gitignore names.
+    assert {local for local in LAUNCH["file_mounts"].values() if not local.startswith("~")} == {"."}
+    assert LAUNCH["rsync_filter"] == [".gitignore"]
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert not any(path.strip("/") in (i.strip("/") for i in ignored) for path in needed)
     for path in needed:
         assert (REPO / path).exists(), path
 
