@@ -28,8 +28,10 @@ every one of them and the limit's matmul on the GPU; runs 1-3 are warmed up firs
 cuBLAS handles, kernel choice), outside the timing: the baselines on the first 64 texts, the model
 stage on one call's rows (its calls pad to many more shapes, and it runs for seconds where the
 baselines run for a minute: on an H100, warmed on 64 texts only, its first call's one-off costs
-took the GPU's busy time from 92-97% to 81-85%); runs 4-5 include their start-up, as a user's job
-does.
+took the GPU's busy time from 92-97% to 81-85%); runs 4-5 include the job's own start-up (listing,
+checks, actors loading the model) as a user's job does, with Ray's start-up reported apart.
+Runs 1-2 time their tokenization, run 3 does not (it times Infer alone, on rows `Tokenize` made):
+its ratios to them compare slightly different work (tokenizing is about 1% of the CPU loops' time).
 
 Tasks and their quality metric (rayberta against transformers_usual; bounds for bf16):
 - classify: a random RoBERTa classifier; label agreement, max probability difference.
@@ -171,7 +173,10 @@ def model_stage(bench: Bench, model_dir: Path, texts: list[str], max_length: int
         start = time.perf_counter()
         out = pa.concat_tables([infer(tokens.slice(i, per_call)) for i in calls])
         wall = time.perf_counter() - start
-    cost = np.vectorize(infer.task.cost)  # encoder positions of a row (T; T (T - 2) for pseudo-LL)
+    # encoder positions of a row (T; T (T - 2) for pseudo-LL), int64: pseudo-LL sums overflow int32.
+    # For pseudo-LL this counts every row at its micro-batch's longest length, an upper bound:
+    # Score.run builds each row's copies at its own length before packing them (`micro_chunks`).
+    cost = np.vectorize(infer.task.cost, otypes=[np.int64])
     computed = sum(len(rows) * cost(call[rows].max()) for call in (lengths[i : i + per_call] for i in calls)
                    for rows in micro_batches(call, infer.budget, infer.task.cost))  # fmt: skip
     padding = 0.0 if infer.model.device.type in roberta.UNPADDED_DEVICES else 1 - cost(lengths).sum() / computed
