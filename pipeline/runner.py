@@ -367,8 +367,8 @@ def check_results_schema(out: shards.Output, kept: list[dict], todo: dict[Shard,
     for column in job_columns(options):
         type_ = ROW_HASH_TYPE if derive_id and column == options.id_column else schema.field(column).type if column in schema.names else None
         if type_ is not None and column in existing.names and existing.field(column).type != type_:
-            derived = " (derived: the input has no id column)" if derive_id and column == options.id_column else ""
-            raise InputError(f"{shard.path}: column {column!r} has type {type_}{derived}, but the results already in "
+            note = " (derived: the input has no id column)" if derive_id and column == options.id_column else ""
+            raise InputError(f"{shard.path}: column {column!r} has type {type_}{note}, but the results already in "
                              f"{out.uri} hold it as {existing.field(column).type} ({committed}): an output is read as one "
                              f"dataset, so every shard must give a column one type. Cast it in this file, or write the "
                              "job to a new --output (--overwrite replaces the old results)")  # fmt: skip
@@ -447,7 +447,8 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             kept = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
             # A file skipped as unreadable keeps the results of its earlier, readable version: in the
             # output and its counts, but not reused (nor run).
-            skipped_kept = [m for m in kept if m["input"] in {e["file"] for e in skipped}]
+            skipped_files = {e["file"] for e in skipped}
+            skipped_kept = [m for m in kept if m["input"] in skipped_files]
             current = kept + [m for k, m in finished.items() if k not in listed]  # the whole output
             totals = {k: sum(m["counts"].get(k, 0) for m in current) for k in shards.COUNTS}  # older markers lack null_ids
             digest = output_digest(current)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -173,15 +174,17 @@ class Classify(Task):
     def model_class(self):
         return RobertaForSequenceClassification, {}
 
+    @cached_property
+    def kind(self) -> str:
+        """The loss's rule, without labels to look at: an explicit problem_type wins, else one output
+        is regression and several are single-label. Read once (the driver asks for every shard)."""
+        return problem_type(RobertaConfig.from_pretrained(self.model_dir), labels=None)
+
     def output_columns(self):
-        kind = problem_type(RobertaConfig.from_pretrained(self.model_dir), labels=None)
-        return self.OUTPUTS[kind] + (("logits",) if self.options.logits else ())
+        return self.OUTPUTS[self.kind] + (("logits",) if self.options.logits else ())
 
     def load(self, dtype, device):
         model = super().load(dtype, device)
-        # The loss's rule, without labels to look at: an explicit problem_type wins, else one
-        # output is regression and several are single-label.
-        self.kind = problem_type(model.config, labels=None)
         self.id2label = model.config.id2label
         return model
 
