@@ -147,27 +147,25 @@ def weight_files(local_dir: Path) -> list[Path]:
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def resolve_dtype(dtype, local_dir: Path | None = None, files: list[Path] = ()) -> torch.dtype:
-    """None: float32 (transformers 4's default). "auto": config.json's `dtype` (`torch_dtype` in
-    transformers 4's files), else the first floating tensor's. Else a floating torch.dtype or its name."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        path = local_dir / "config.json"  # absent when the caller passes config=
-        config = json.loads(path.read_text()) if path.is_file() else {}
-        dtype = config.get("dtype") or config.get("torch_dtype")
-        if dtype is None:
-            for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    found = [f.get_slice(key).get_dtype() for key in f.keys()]
-                dtype = next((SAFETENSORS_DTYPES[d] for d in found if d in SAFETENSORS_DTYPES), None)
-                if dtype is not None:
-                    break
-            return dtype or torch.float32
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+def resolve_dtype(dtype) -> torch.dtype:
+    """None: float32 (transformers 4's default). Else a floating torch.dtype or its name."""
+    resolved = torch.float32 if dtype is None else getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"dtype {dtype!r}: a model's weights need a floating dtype, e.g. {list(DTYPES)}, or 'auto' (the checkpoint's)")
     return resolved
+
+
+def checkpoint_dtype(local_dir: Path, sources: dict[str, tuple[Path, str]]) -> torch.dtype:
+    """dtype="auto": config.json's `dtype` (`torch_dtype` in transformers 4's files), else the
+    weights' (the first loaded tensor's, from its file's header; `sources` as `match_checkpoint`
+    returns them: integer buffers are dropped, so each is floating)."""
+    path = local_dir / "config.json"  # absent when the caller passes config=
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if named := config.get("dtype") or config.get("torch_dtype"):
+        return resolve_dtype(named)
+    file, key = next(iter(sources.values()))
+    with safe_open(str(file), framework="pt") as f:
+        return SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)
 
 
 def build_config(cls, local_dir: Path, config: RobertaConfig | None, kwargs: dict) -> tuple[RobertaConfig, dict]:
@@ -254,12 +252,15 @@ def match_checkpoint(cls, local_dir, config: RobertaConfig | None = None, **kwar
 def load_pretrained(cls, local_dir, dtype=None, device=None, torch_dtype=None, **kwargs):
     """`match_checkpoint`, then assign the checkpoint's tensors to the model built on meta.
 
-    dtype (torch_dtype: transformers 4's name for it): see `resolve_dtype`; device: where tensors land."""
+    dtype (torch_dtype: transformers 4's name for it): see `resolve_dtype`, or "auto" (`checkpoint_dtype`);
+    device: where tensors land."""
     if dtype is not None and torch_dtype is not None:
         raise TypeError("pass dtype or torch_dtype (its older name), not both")
     local_dir = Path(local_dir)
-    dtype, device = resolve_dtype(dtype or torch_dtype, local_dir, weight_files(local_dir)), torch.device(device or "cpu")
+    dtype, device = dtype or torch_dtype, torch.device(device or "cpu")
+    dtype = dtype if dtype == "auto" else resolve_dtype(dtype)  # a wrong name fails before any file is read
     model, sources, tied = match_checkpoint(cls, local_dir, **kwargs)
+    dtype = checkpoint_dtype(local_dir, sources) if dtype == "auto" else dtype
     loaded = {}
     for file in dict.fromkeys(file for file, _ in sources.values()):
         with safe_open(str(file), framework="pt", device=str(device)) as f:

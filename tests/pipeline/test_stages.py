@@ -352,10 +352,13 @@ def test_pooler_pooling_on_a_checkpoint_without_one_names_the_flags(checkpoints)
 
 
 @pytest.mark.parametrize("task, model, options", [
-    ("classify", "classifier", dict(logits=True)), ("classify", "classifier", {}), ("embed", "base", {}), ("fill-mask", "masked_lm", {}), ("score", "causal_lm", {}),
+    ("classify", "classifier", dict(logits=True)), ("classify", "classifier", {}), ("classify", "multi_label", {}),
+    ("classify", "multi_label", dict(logits=True)), ("classify", "regression", {}), ("classify", "regression", dict(logits=True)),
+    ("embed", "base", {}), ("fill-mask", "masked_lm", {}), ("score", "causal_lm", {}), ("score", "masked_lm", {}),
 ])  # fmt: skip
 def test_a_task_writes_the_columns_it_declares(checkpoints, texts, task, model, options):
-    """`Task.output_columns` is what the job checks kept input columns against (they would clash)."""
+    """`Task.output_columns` is what the job checks kept input columns against (they would clash);
+    Classify writes its columns by problem type in `columns`, and declares them in `OUTPUTS`."""
     out = run_infer(checkpoints[model], task, texts[:3], **options)
     written = [c for c in out.column_names if c not in ("id", "input_tokens", "truncated", "error")]
     assert written == list(make_task(task, str(checkpoints[model]), TaskOptions(**options)).output_columns())
