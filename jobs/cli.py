@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     io.add_argument("--pair-column", default=None, help="second text of a pair, for NLI / cross-encoder checkpoints")
     io.add_argument("--id-column", default="id", help="id column kept in the output (default: id; when a column named id is absent, ids are derived from file and row)")
-    io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output")
+    io.add_argument("--keep-columns", default="", help="comma-separated input columns copied to the output; name:new_name renames one (e.g. label:gold_label)")
     io.add_argument("--overwrite", action="store_true", help="replace results already in --output (default: keep finished shards, run the rest)")
     io.add_argument("--prune", action="store_true",
                     help="delete the results of input files no longer listed (deleted or renamed since); default: keep them, listed as stale_shards")

@@ -39,9 +39,12 @@ def as_dataset(data, storage_options: dict | None = None) -> ray.data.Dataset:
 
 def apply(task: str, data, model: str, text_column: str = "text", id_column: str = DEFAULT_ID,
           keep_columns=(), storage_options: dict | None = None, **settings) -> ray.data.Dataset:  # fmt: skip
-    """Run `task` over `data` lazily. settings: the fields of `Options` and of `TaskOptions`."""
+    """Run `task` over `data` lazily. settings: the fields of `Options` and of `TaskOptions`.
+    keep_columns: a name, names, or {input column: output name} (as the CLI's `label:gold_label`)."""
     task_fields = TaskOptions.__dataclass_fields__
     task_options = TaskOptions(**{k: v for k, v in settings.items() if k in task_fields})
+    if isinstance(keep_columns, dict):
+        keep_columns = [f"{c}:{name}" for c, name in keep_columns.items()]
     options = Options(task=task, model=str(model), text_column=text_column, id_column=id_column,
                       keep_columns=(keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns), task_options=task_options,
                       **{k: v for k, v in settings.items() if k not in task_fields})  # fmt: skip

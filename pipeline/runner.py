@@ -135,13 +135,19 @@ class Options:
     text_column: str = "text"
     pair_column: str | None = None
     id_column: str = DEFAULT_ID
-    keep_columns: tuple[str, ...] = ()
+    keep_columns: tuple[str, ...] = ()  # input columns copied to the output; "label:gold_label" renames (`kept`)
     max_length: int | None = None
     batch_tokens: int | None = None  # micro-batch token budget; None: chosen from the device (stages.token_budget)
     dtype: str = "float32"
     device: str = "auto"
     concurrency: int | None = None  # inference actors; default one per GPU, or one on CPU
     task_options: TaskOptions = field(default_factory=TaskOptions)
+
+    @property
+    def kept(self) -> dict[str, str]:
+        """keep_columns as {input column: its name in the output}: "label:gold_label" keeps the
+        input's `label` as `gold_label` (a gold label beside the predicted one)."""
+        return dict(c.split(":", 1) if ":" in c else (c, c) for c in self.keep_columns)
 
 
 @dataclass
@@ -225,7 +231,7 @@ def build(ds: ray.data.Dataset, options: Options) -> ray.data.Dataset:
         Tokenize,
         fn_constructor_kwargs=dict(model_dir=options.model, text_column=options.text_column,
                                    pair_column=options.pair_column, max_length=max_length,
-                                   keep_columns=options.keep_columns),  # fmt: skip
+                                   keep_columns=options.kept),  # fmt: skip
         batch_format="pyarrow",
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(size=max(1, cpus // 4) if gpu else 1),
@@ -258,6 +264,13 @@ def check_job(options: Options, address: str | None = None) -> tuple[Task, int]:
     roles = [c for c in (options.text_column, options.pair_column, options.id_column) if c]
     if len(set(roles)) < len(roles):
         raise TaskError(f"--text-column, --pair-column and --id-column must name different columns, not {roles}")
+    kept = options.kept
+    if "" in {*kept, *kept.values()} or len(kept) < len(options.keep_columns) or len(set(kept.values())) < len(kept):
+        raise TaskError(f"--keep-columns {','.join(options.keep_columns)}: name each input column once, as `name` or "
+                        "`name:new_name`, and give each a different output name")  # fmt: skip
+    if kept.get(options.id_column, options.id_column) != options.id_column:
+        raise TaskError(f"--keep-columns: the id column {options.id_column!r} is written under its own name (results join "
+                        "on it); keep it without a new name, or rename it in the input")  # fmt: skip
     task = make_task(options.task, options.model, options.task_options)
     config = task.check()
     task.check_weights()
@@ -283,16 +296,19 @@ def check_schema(schema: pa.Schema, options: Options, task: Task, source: str) -
             raise InputError(f"{source}: no column {name!r} ({role}); available columns: {names}")
         if not is_text(schema.field(name).type):
             raise InputError(f"{source}: column {name!r} ({role}) has type {schema.field(name).type}, expected string")
-    missing = [c for c in options.keep_columns if c not in names]
+    kept = options.kept
+    missing = [c for c in kept if c not in names]
     if missing:
         raise InputError(f"{source}: --keep-columns {missing} not found; available columns: {names}")
-    if PATH in (options.text_column, options.pair_column, options.id_column, *options.keep_columns):
+    if PATH in (options.text_column, options.pair_column, options.id_column, *kept, *kept.values()):
         raise InputError(f"{source}: the column name {PATH!r} is reserved for the input path; rename that column")
     written = (*ADDED_COLUMNS, *task.output_columns())
-    clashes = [c for c in (options.id_column, *options.keep_columns) if c in written]
+    clashes = [c for c in (options.id_column, *kept.values()) if c in written]
+    if kept_as_id := [c for c, name in kept.items() if name == options.id_column and c != options.id_column]:
+        clashes.append(f"{kept_as_id[0]}:{options.id_column} (the name of the id column)")
     if clashes:
         raise InputError(f"{source}: {clashes} would be written twice: this job adds columns of those names "
-                         f"({list(written)}); leave them out of --keep-columns, or rename them in the input")  # fmt: skip
+                         f"({list(written)}); keep them under another name (--keep-columns label:gold_label)")  # fmt: skip
     if options.id_column in names:
         id_type = schema.field(options.id_column).type
         if pa.types.is_nested(id_type) or pa.types.is_dictionary(id_type):
@@ -364,18 +380,18 @@ def check_results_schema(out: shards.Output, kept: list[dict], todo: dict[Shard,
         return
     existing = pq.read_schema(out.join(committed), filesystem=out.arrow_fs)
     schema = meta.schema.to_arrow_schema()
-    for column in job_columns(options):
+    for column, name in {options.id_column: options.id_column, **options.kept}.items():  # input column -> output name
         type_ = ROW_HASH_TYPE if derive_id and column == options.id_column else schema.field(column).type if column in schema.names else None
-        if type_ is not None and column in existing.names and existing.field(column).type != type_:
+        if type_ is not None and name in existing.names and existing.field(name).type != type_:
             note = " (derived: the input has no id column)" if derive_id and column == options.id_column else ""
             raise InputError(f"{shard.path}: column {column!r} has type {type_}{note}, but the results already in "
-                             f"{out.uri} hold it as {existing.field(column).type} ({committed}): an output is read as one "
+                             f"{out.uri} hold it{'' if name == column else f' (as {name!r})'} as {existing.field(name).type} ({committed}): an output is read as one "
                              f"dataset, so every shard must give a column one type. Cast it in this file, or write the "
                              "job to a new --output (--overwrite replaces the old results)")  # fmt: skip
 
 
 def job_columns(options: Options) -> list[str]:
-    columns = [options.id_column, options.text_column, options.pair_column, *options.keep_columns]
+    columns = [options.id_column, options.text_column, options.pair_column, *options.kept]
     return list(dict.fromkeys(c for c in columns if c))
 
 

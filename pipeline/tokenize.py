@@ -57,14 +57,16 @@ def text_column(batch: pa.Table, name: str) -> tuple[list[str], list[str | None]
 
 class Tokenize:
     """Adds `input_ids` (list<int32>), `input_tokens` (int32), `truncated` (bool) and `error`
-    (string, null unless the row failed); drops the text (unless `keep_columns` lists it). A row that fails is tokenized as an empty
-    text and carries its error, so one bad row never fails its batch."""
+    (string, null unless the row failed); drops the text unless `keep_columns` ({input column: output
+    name}, `Options.kept`) keeps it, and gives kept columns their output names. A row that fails is
+    tokenized as an empty text and carries its error, so one bad row never fails its batch."""
 
     def __init__(self, model_dir: str, text_column: str = "text", pair_column: str | None = None, max_length: int | None = None,
-                 keep_columns=()):  # fmt: skip
+                 keep_columns: dict[str, str] | None = None):  # fmt: skip
         self.tokenizer = RobertaTokenizer.from_pretrained(model_dir)
         self.text, self.pair = text_column, pair_column
-        self.drop = [c for c in (text_column, pair_column) if c and c not in keep_columns]
+        self.drop = [c for c in (text_column, pair_column) if c and c not in (keep_columns or {})]
+        self.rename = {c: name for c, name in (keep_columns or {}).items() if c != name}
         self.max_length = max_length or self.tokenizer.model_max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -76,6 +78,8 @@ class Tokenize:
         except Exception:  # noqa: BLE001 - find the failing rows one by one; the rest go on
             ids, offsets, truncated = self.encode_rows(texts, pairs, errors)
         batch = batch.drop_columns(self.drop)
+        if self.rename:  # after the drop: a kept column may take the name of a text that is not kept
+            batch = batch.rename_columns({c: self.rename.get(c, c) for c in batch.column_names})
         batch = batch.append_column(TOKENS, pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int32())))
         batch = batch.append_column("input_tokens", pa.array(np.diff(offsets), pa.int32()))
         batch = batch.append_column("truncated", pa.array(truncated, pa.bool_()))

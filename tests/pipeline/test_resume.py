@@ -148,11 +148,11 @@ def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, clas
     """An output is read as one dataset: a kept column (or the id) of another type than the
     results already there hold would make it unreadable, and every later run fail."""
     inp, out = tmp_path / "in", tmp_path / "out"
-    keep = Options(**{**classify.__dict__, "keep_columns": ("source",)})
+    keep = Options(**{**classify.__dict__, "keep_columns": ("source:origin",)})  # renamed: the output's name is checked
     write(inp, "a.parquet", range(3), reviews[:3], source=pa.array([1.0, 2.0, 3.0]))
     run(str(inp), str(out), keep)
     write(inp, "b.parquet", range(3, 5), reviews[3:5], source=pa.array(["imdb", "rt"]))
-    with pytest.raises(InputError, match=r"in/b.parquet: column 'source' has type string, but the results already in .* hold it as double"):
+    with pytest.raises(InputError, match=r"in/b.parquet: column 'source' has type string, but the results already in .* hold it \(as 'origin'\) as double"):
         run(str(inp), str(out), keep)
     pq.write_table(pa.table({"text": reviews[3:5], "source": [4.0, 5.0]}), inp / "b.parquet")  # no id: a derived one, uint64
     with pytest.raises(InputError, match=r"b.parquet has no id column, so its ids would be derived, but the results already .* hold the input's own ids"):
@@ -163,7 +163,7 @@ def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, clas
         run(str(inp), str(out), keep)
     write(inp, "b.parquet", range(3, 5), reviews[3:5], source=pa.array([4.0, 5.0]))
     assert run(str(inp), str(out), keep).rows == 5
-    assert pq.read_table(out)["source"].type == pa.float64()
+    assert pq.read_table(out)["origin"].type == pa.float64()
 
     # An empty shard's marker (no result file) records the flag of a run with nothing to derive: ignored.
     todo = {shards.Shard(str(inp / "b.parquet"), 0, "v"): pq.ParquetFile(inp / "b.parquet").metadata}
@@ -316,7 +316,10 @@ def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp
     inp, out = tmp_path / "in", str(tmp_path / "out")
     write(inp, "part-0.parquet", range(3), reviews[:3])
     for change, message in [({"dtype": "int8"}, "--dtype 'int8'"), ({"concurrency": 0}, "--concurrency 0: must be at least 1"),
-                            ({"batch_tokens": -5}, "--batch-tokens -5"), ({"id_column": "text"}, "must name different columns")]:  # fmt: skip
+                            ({"batch_tokens": -5}, "--batch-tokens -5"), ({"id_column": "text"}, "must name different columns"),
+                            ({"keep_columns": ("text:gold", "source:gold")}, "give each a different output name"),
+                            ({"keep_columns": ("text:",)}, "as `name` or `name:new_name`"),
+                            ({"keep_columns": ("id:row_id",)}, "the id column 'id' is written under its own name")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             run(str(inp), out, Options(**{**classify.__dict__, **change}))
     for fraction in (-1, 1.5, float("nan")):
@@ -325,8 +328,11 @@ def test_what_must_be_fixed_first_fails_before_ray_starts(classify, reviews, tmp
 
     clash = tmp_path / "clash"
     write(clash, "p.parquet", range(2), reviews[:2], label=pa.array(["gold", "gold"]))
-    with pytest.raises(InputError, match=r"\['label'\] would be written twice: this job adds columns of those names"):
+    with pytest.raises(InputError, match=r"\['label'\] would be written twice: this job adds columns of those names.*"
+                                         r"keep them under another name \(--keep-columns label:gold_label\)"):
         run(str(clash), out, Options(**{**classify.__dict__, "keep_columns": ("label",)}))
+    with pytest.raises(InputError, match=r"\['label:id \(the name of the id column\)'\] would be written twice"):
+        run(str(clash), out, Options(**{**classify.__dict__, "keep_columns": ("label:id",)}))
     schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("logits", pa.float32())])
     runner.check_schema(schema, Options(**{**classify.__dict__, "keep_columns": ("logits",)}), make_task("classify", classify.model), "x")
     with pytest.raises(InputError, match=r"\['logits'\] would be written twice"):  # only when this job writes logits

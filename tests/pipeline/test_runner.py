@@ -44,11 +44,12 @@ def read(directory):
 
 def test_classify_job_equals_transformers(ray_session, checkpoints, shards, corpus, tmp_path):
     out_dir = tmp_path / "out"
-    options = Options(task="classify", model=str(checkpoints["classifier"]), keep_columns=("source",), batch_tokens=512)
+    options = Options(task="classify", model=str(checkpoints["classifier"]), keep_columns=("source", "text:review"), batch_tokens=512)
     summary = run(str(shards), str(out_dir), options)
     out = read(out_dir)
     assert out.num_rows == corpus.num_rows and out["id"].to_pylist() == corpus["id"].to_pylist()
     assert out["source"].to_pylist() == corpus["source"].to_pylist()
+    assert out["review"].to_pylist() == corpus["text"].to_pylist() and "text" not in out.column_names  # kept, renamed
     assert out.schema.field("label").type == pa.string() and out.schema.field("label_id").type == pa.int32()
     assert out.schema.field("score").type == pa.float32() and out.schema.field("probs").type == pa.list_(pa.float32(), 3)
     logits = reference.classify(checkpoints["classifier"], corpus["text"].to_pylist())
@@ -99,9 +100,9 @@ def test_missing_id_column_derives_stable_ids(ray_session, checkpoints, tmp_path
 
 def test_python_api_chains_on_datasets(ray_session, checkpoints, corpus):
     df = corpus.to_pandas()
-    ds = pipeline.classify(df, model=checkpoints["classifier"], keep_columns=["source"], logits=True)
+    ds = pipeline.classify(df, model=checkpoints["classifier"], keep_columns={"source": "origin"}, logits=True)
     out = ds.to_pandas().sort_values("id")
-    assert list(out["id"]) == list(df["id"]) and list(out["source"]) == list(df["source"])
+    assert list(out["id"]) == list(df["id"]) and list(out["origin"]) == list(df["source"])
     logits = reference.classify(checkpoints["classifier"], corpus["text"].to_pylist())
     np.testing.assert_allclose(np.stack(out["logits"]), logits, atol=ATOL)
     chained = pipeline.embed(ds.select_columns(["id", "label"]).rename_columns({"label": "text"}), model=checkpoints["base"])

@@ -53,7 +53,7 @@ def test_tokenize_errors_name_the_column(checkpoints):
 
 def test_dictionary_and_all_null_text_columns_are_text(checkpoints, texts):
     """pandas' category dtype arrives dictionary-encoded, a column of only None as Arrow's null type."""
-    tokenize = Tokenize(str(checkpoints["classifier"]), keep_columns=("text",))
+    tokenize = Tokenize(str(checkpoints["classifier"]), keep_columns={"text": "text"})
     plain = tokenize(table(texts[:3] + [None]))
     encoded = tokenize(pa.table({"id": range(4), "text": pa.array(texts[:3] + [None]).dictionary_encode()}))
     assert encoded["input_ids"].equals(plain["input_ids"])
