@@ -32,10 +32,10 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
@@ -54,6 +54,10 @@ PATH = "path"  # Ray Data's column naming each row's input file (include_paths)
 ROW_HASH_TYPE = pa.uint64()  # of Ray Data's row_hash, the derived id
 NO_TRUNCATION = 2**31 - 1
 ROWS_PER_BLOCK = 1024  # rows per block from the reader to the tokenizers
+COMMIT_THREADS = 8  # shards committing at once (each mostly waits for its merge task)
+# Ids the driver reads to count duplicates over the whole output: 5M int64 ids took 6 s and 1.8 GB
+# there (pyarrow's hash table); beyond, Ray Data's distributed groupby counts them (`duplicate_ids`).
+DRIVER_IDS = 5_000_000
 # Rows per Infer call, by device. A call sorts its rows by length and cuts them by the token budget;
 # the micro-batches come out tight only when the call holds many budgets of tokens. Padding of the
 # movie reviews (about 200 tokens a row) measured with `stages.micro_batches`: CPU budget 4,096,
@@ -171,6 +175,7 @@ class Summary:
     wall_seconds: float
     tokens_per_second: float  # tokens of this run's rows / wall_seconds
     ray_start_seconds: float
+    plan_seconds: float  # the driver's work before data moves: listing, markers, footers, checks
     method: str | None = None  # score: "causal" or "pseudo" (pseudo-log-likelihood)
     skipped_files: list[dict] = field(default_factory=list)  # --skip-bad-files: {file, error}
     abandoned_files: list[str] = field(default_factory=list)  # result files no marker named, deleted before running
@@ -416,6 +421,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     `stale_shards`, or with `prune` are deleted (`pruned_shards`)."""
     if not 0 <= max_failed_fraction <= 1:  # also refuses nan
         raise TaskError(f"--max-failed-fraction {max_failed_fraction}: must be between 0 and 1")
+    planning = time.perf_counter()
     task, specials = check_job(options, address)
     fs, inputs = storage.parquet_files(input, storage_options, output=output)
     out = shards.Output(output, storage_options)
@@ -450,6 +456,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             entries = []
         abandoned = out.clean(markers, entries)
         start = time.perf_counter()
+        plan = start - planning
         ray_start, method = 0.0, getattr(task, "method", None)
         if todo:
             ray_start = init_ray(address, [fs, out.fs])
@@ -469,7 +476,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             totals = {k: sum(m["counts"].get(k, 0) for m in current) for k in shards.COUNTS}  # older markers lack null_ids
             digest = output_digest(current)
             if current:
-                totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, digest, new)
+                totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, digest, new, address)
             # Over the listed input only: results of a deleted input must not fail every later run.
             check_failures(*(sum(m["counts"][k] for m in kept) for k in ("failed_rows", "rows")), max_failed_fraction, final=True)
             tokens_run = sum(m["counts"]["tokens"] for m in new)
@@ -477,7 +484,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
                               shards=len(inputs), shards_run=len(new), shards_reused=len(kept) - len(new) - len(skipped_kept),
                               rows_run=sum(m["counts"]["rows"] for m in new), wall_seconds=round(wall, 3),
                               tokens_per_second=round(tokens_run / wall, 1) if wall > 0 else 0.0,
-                              ray_start_seconds=round(ray_start, 3), method=method, skipped_files=skipped,
+                              ray_start_seconds=round(ray_start, 3), plan_seconds=round(plan, 3), method=method, skipped_files=skipped,
                               abandoned_files=abandoned, output_digest=digest,
                               **({"pruned_shards": stale} if prune else {"stale_shards": stale}))  # fmt: skip
             out.put(out.join(storage.SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2).encode())
@@ -565,28 +572,36 @@ def run_shards(fs, footers: dict[Shard, pq.FileMetaData], derive_id: bool, out: 
                marker: dict, lease: shards.Lease, storage_options: dict | None, max_failed_fraction: float,
                specials: int) -> list[dict]:  # fmt: skip
     """Stream the shards through the pipeline and commit each as soon as all its rows are written.
-    Commits run on driver threads (I/O bound) while inference goes on. Returns the new markers.
+    Commits run on driver threads while inference goes on, each waiting for its shard's Ray merge
+    task (`shards.merge`: the results' bytes never pass through the driver, whose part is a few
+    small requests per shard). Returns the new markers.
     derive_id: `check_shards`'s answer; specials: the tokens of an empty text (`check_job`), to
     count empty texts. A shard whose rows did not all come back is an error, never a silent loss."""
     by_key = {shards.shard_key(s.path): s for s in footers}
     expected = {k: footers[s].num_rows for k, s in by_key.items()}
-    commit = partial(out.commit, marker=marker, id_column=options.id_column, special_tokens=specials)
-    with ThreadPoolExecutor(4) as pool:
+    merge = ray.remote(num_cpus=0.25)(shards.merge)  # I/O bound, like the writes of the pieces
+
+    def commit(shard: Shard, pieces: list[str]) -> dict:
+        staged, counts = ray.get(merge.remote(out.uri, storage_options, shard.path, pieces, options.id_column, specials))
+        return out.commit(shard, pieces, staged, counts, marker)
+
+    with ThreadPoolExecutor(COMMIT_THREADS) as pool:
         commits = [pool.submit(commit, s, []) for s in footers if footers[s].num_rows == 0]
         todo = [s for s in footers if footers[s].num_rows]
         if todo:
-            pieces, seen, failed = defaultdict(list), Counter(), 0
+            pieces, seen, failed, rows_seen = defaultdict(list), Counter(), 0, 0
             for batch in pieces_dataset(fs, todo, out, options, derive_id, storage_options, lease.run).iter_batches(
                     batch_format="pyarrow", batch_size=None):  # fmt: skip
                 for key, piece, rows, bad in zip(*(batch[c].to_pylist() for c in ("shard", "piece", "rows", "failed"))):
                     pieces[key].append(piece)
                     seen[key] += rows
+                    rows_seen += rows
                     failed += bad
                     if seen[key] == expected[key]:
                         lease.check()
                         commits.append(pool.submit(commit, by_key[key], pieces.pop(key)))
-                check_failures(failed, sum(seen.values()), max_failed_fraction, final=False)
-            check_failures(failed, sum(seen.values()), max_failed_fraction, final=True)
+                check_failures(failed, rows_seen, max_failed_fraction, final=False)
+            check_failures(failed, rows_seen, max_failed_fraction, final=True)
             short = [f"{s.path} ({seen[k]} of {expected[k]} rows)" for k, s in by_key.items() if seen[k] != expected[k]]
             if short:
                 raise InputError(f"Ray Data's read returned other row counts than the Parquet footers give for {', '.join(short)}; "
@@ -630,11 +645,13 @@ def output_digest(markers: list[dict]) -> str:
     return hashlib.sha256(json.dumps(committed).encode()).hexdigest()
 
 
-def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, digest: str, new: list[dict]) -> int:
+def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, digest: str, new: list[dict],
+                  address: str | None = None) -> int:  # fmt: skip
     """Rows beyond the first with their id, over the whole output of `markers` (within-shard counts
     are in each marker). It reads the id column of every result file (about 8 bytes per row for
     integer ids), so a run that committed nothing `new` takes the count from the last summary
-    when that covered the same markers (`output_digest`): a rerun with nothing to do stays fast."""
+    when that covered the same markers (`output_digest`): a rerun with nothing to do stays fast.
+    Up to DRIVER_IDS ids the driver counts them; more, and Ray Data's groupby does, on the cluster."""
     if not new:
         try:
             last = json.loads(out.fs.cat_file(out.join(storage.SUMMARY_FILE)))
@@ -645,5 +662,16 @@ def duplicate_ids(out: shards.Output, markers: list[dict], id_column: str, diges
     files = [out.join(m["output"]) for m in markers if m["output"]]
     if not files:
         return 0
-    ids = pads.dataset(files, filesystem=out.arrow_fs, format="parquet").to_table(columns=[id_column])[id_column]
-    return shards.duplicate_ids(ids)
+    if sum(m["counts"]["rows"] for m in markers) <= DRIVER_IDS:
+        ids = pads.dataset(files, filesystem=out.arrow_fs, format="parquet").to_table(columns=[id_column])[id_column]
+        return shards.duplicate_ids(ids)
+    init_ray(address, [out.fs])
+    groups = ray.data.read_parquet(files, filesystem=out.arrow_fs, columns=[id_column], partitioning=None).groupby(id_column).count()
+    return int(groups.map_batches(repeats, batch_format="pyarrow", fn_kwargs={"id_column": id_column}).sum("repeats") or 0)
+
+
+def repeats(groups: pa.Table, id_column: str) -> pa.Table:
+    """Ray Data's groupby(id).count() rows -> one row: the rows beyond the first of each id (the
+    null ids form one group there; they are counted apart, as null_ids)."""
+    counts = pc.filter(groups["count()"], pc.is_valid(groups[id_column]))
+    return pa.table({"repeats": [pc.sum(pc.subtract(counts, 1)).as_py() or 0]})

@@ -10,8 +10,9 @@ An output (a local directory or an s3:// prefix) holds:
     _summary.json                 the report of the last successful run
 
 Inference writes each block's results as a piece under _staging and tells the driver; once the
-driver has heard of every row of a shard (row counts come from the Parquet footers), it merges the
-pieces into a temporary file under _staging and commits (`Output.commit`): it deletes the shard's
+driver has heard of every row of a shard (row counts come from the Parquet footers), a Ray task
+merges the pieces into a temporary file under _staging (`merge`; a single piece is that file
+already), and the driver commits it (`Output.commit`): it deletes the shard's
 old marker, if any, moves the file into place (atomic: a rename locally, a server-side copy on
 S3; it replaces an older result of the same shard whole), then writes the new marker. A marker
 therefore always describes the file beside it, and a result file without one is an attempt that
@@ -196,49 +197,61 @@ class Output:
         if STAGING in (self.entries() if entries is None else entries):
             self.fs.rm(self.join(STAGING), recursive=True)
 
-    def commit(self, shard: Shard, pieces: list[str], marker: dict, id_column: str, special_tokens: int) -> dict:
-        """Merge a shard's pieces into its result file (streamed: one piece in memory at a time),
-        put it in place atomically, then write its marker (the order: module docstring). An empty
-        shard has no result file: an older one of the same shard is deleted. Returns the marker
-        with the shard's counts."""
+    def commit(self, shard: Shard, pieces: list[str], staged: str | None, counts: dict, marker: dict) -> dict:
+        """Put a shard's result file (`staged`, from `merge`; None for an empty shard) in place
+        atomically, then write its marker (the order: module docstring). An empty shard has no
+        result file: an older one of the same shard is deleted. Deletes the pieces that are left.
+        Returns the marker with the shard's counts."""
         name = output_name(shard.path)
-        counts = dict.fromkeys(COUNTS, 0)
-        ids = []
-        target = self.join(STAGING, f"{name}.{uuid.uuid4().hex}.tmp")
-        if pieces:
-            self.make_parent(target)
-            writer = None
-            try:
-                for piece in pieces:
-                    table = pq.read_table(piece, filesystem=self.arrow_fs)
-                    writer = writer or pq.ParquetWriter(target, table.schema, filesystem=self.arrow_fs)
-                    writer.write_table(table)
-                    counts["rows"] += table.num_rows
-                    counts["tokens"] += pc.sum(table["input_tokens"]).as_py() or 0
-                    counts["truncated_rows"] += pc.sum(table["truncated"]).as_py() or 0
-                    # A failed row was tokenized as an empty text: it counts as failed, not as empty.
-                    empty = pc.and_(pc.less_equal(table["input_tokens"], special_tokens), pc.is_null(table["error"]))
-                    counts["empty_texts"] += pc.sum(empty).as_py() or 0
-                    counts["failed_rows"] += failed_rows(table)
-                    ids.append(table[id_column])
-            finally:  # also on an error: an open writer holds a file handle (on S3, an upload)
-                if writer is not None:
-                    writer.close()
-        counts["null_ids"] = sum(column.null_count for column in ids)
-        counts["duplicate_ids"] = duplicate_ids(pa.chunked_array(ids)) if ids else 0
         marker = {**marker, "key": shard_key(shard.path), "input": shard.path, "size": shard.size,
-                  "version": shard.version, "output": name if pieces else None, "counts": counts,
+                  "version": shard.version, "output": name if staged else None, "counts": counts,
                   "committed_at": time.time()}  # fmt: skip
         marker_path = self.join(MANIFEST, f"{marker['key']}.json")
         self.remove(marker_path)  # an older result of this shard counts as unfinished from here on
-        if pieces:
-            self.move(target, self.join(name))
+        if staged:
+            self.move(staged, self.join(name))
         else:
             self.remove(self.join(name))
         self.put(marker_path, json.dumps(marker, indent=1).encode())  # the commit point
-        if pieces:
-            self.fs.rm(pieces)
+        if leftover := [p for p in pieces if p != staged]:
+            self.fs.rm(leftover)
         return marker
+
+
+def merge(output: str, storage_options: dict | None, shard_path: str, pieces: list[str], id_column: str,
+          special_tokens: int) -> tuple[str | None, dict]:  # fmt: skip
+    """A shard's pieces as one staged result file, and the shard's counts: (path or None, counts).
+    The runner runs it as a Ray task, so that results never pass through the driver. Several
+    pieces are streamed into a new file (one piece in memory at a time); a single piece is the
+    result file as it is (only its counted columns are read)."""
+    out = Output(output, storage_options)
+    counts = dict.fromkeys(COUNTS, 0)
+    if not pieces:
+        return None, counts
+    counted = ["input_tokens", "truncated", "error", id_column]
+    target = pieces[0] if len(pieces) == 1 else out.join(STAGING, f"{output_name(shard_path)}.{uuid.uuid4().hex}.tmp")
+    out.make_parent(target)
+    ids, writer = [], None
+    try:
+        for piece in pieces:
+            table = pq.read_table(piece, filesystem=out.arrow_fs, columns=counted if piece == target else None)
+            if piece != target:
+                writer = writer or pq.ParquetWriter(target, table.schema, filesystem=out.arrow_fs)
+                writer.write_table(table)
+            counts["rows"] += table.num_rows
+            counts["tokens"] += pc.sum(table["input_tokens"]).as_py() or 0
+            counts["truncated_rows"] += pc.sum(table["truncated"]).as_py() or 0
+            # A failed row was tokenized as an empty text: it counts as failed, not as empty.
+            empty = pc.and_(pc.less_equal(table["input_tokens"], special_tokens), pc.is_null(table["error"]))
+            counts["empty_texts"] += pc.sum(empty).as_py() or 0
+            counts["failed_rows"] += failed_rows(table)
+            ids.append(table[id_column])
+    finally:  # also on an error: an open writer holds a file handle (on S3, an upload)
+        if writer is not None:
+            writer.close()
+    counts["null_ids"] = sum(column.null_count for column in ids)
+    counts["duplicate_ids"] = duplicate_ids(pa.chunked_array(ids))
+    return target, counts
 
 
 def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run: str, path_column: str) -> pa.Table:

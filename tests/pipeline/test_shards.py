@@ -33,6 +33,12 @@ def test_write_pieces_splits_a_block_by_shard_and_names_files_by_shard_only(tmp_
         assert piece.startswith(str(out / "_staging" / "r1")) and "path" not in pq.read_table(piece).column_names
 
 
+def commit(out: shards.Output, shard: Shard, pieces: list[str]) -> dict:
+    """What the runner does: the merge (a Ray task there), then the commit."""
+    staged, counts = shards.merge(out.uri, None, shard.path, pieces, id_column="id", special_tokens=2)
+    return out.commit(shard, pieces, staged, counts, {"model": "m", "settings": {}})
+
+
 def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
     out = shards.Output(str(tmp_path / "out"))
     shard = Shard("/in/part-0.parquet", 123, "v1")
@@ -41,7 +47,7 @@ def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
         pieces.append(str(tmp_path / "out" / "_staging" / "r" / f"{i}.parquet"))
         os.makedirs(os.path.dirname(pieces[-1]), exist_ok=True)
         pq.write_table(piece_table(ids, error=[None, None, "bad"] if i else None), pieces[-1])
-    marker = out.commit(shard, pieces, {"model": "m", "settings": {}}, id_column="id", special_tokens=2)
+    marker = commit(out, shard, pieces)
 
     written = pq.read_table(tmp_path / "out" / marker["output"])
     assert marker["output"] == shards.output_name(shard.path) and marker["output"].startswith("part-0-")
@@ -55,8 +61,15 @@ def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
     assert [p.name for p in (tmp_path / "out").glob("*.parquet")] == [marker["output"]]  # no temporary left
     assert out.markers() == {marker["key"]: marker}
 
-    empty = out.commit(Shard("/in/empty.parquet", 10, "v"), [], {"model": "m", "settings": {}}, "id", 2)
+    empty = commit(out, Shard("/in/empty.parquet", 10, "v"), [])
     assert empty["output"] is None and empty["counts"]["rows"] == 0
+
+    # A single piece becomes the result file as it is: moved, not rewritten.
+    single = stage(tmp_path / "out", [7, 7, 8], name="single.parquet")
+    expected = pq.read_table(single[0])
+    one = commit(out, Shard("/in/part-1.parquet", 9, "v1"), single)
+    assert pq.read_table(tmp_path / "out" / one["output"]).equals(expected) and not os.path.exists(single[0])
+    assert (one["counts"]["rows"], one["counts"]["tokens"], one["counts"]["duplicate_ids"]) == (3, 21, 1)
 
 
 def test_result_names_are_never_patterns():
@@ -80,7 +93,7 @@ def test_a_commit_killed_over_an_older_result_leaves_the_shard_unfinished(tmp_pa
     committed for the new input.)"""
     out_dir = tmp_path / "out"
     out = shards.Output(str(out_dir))
-    old = out.commit(Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]), {"model": "m", "settings": {}}, "id", 2)
+    old = commit(out, Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]))
     assert out.markers() == {old["key"]: old}
 
     def killed(*args, **kwargs):
@@ -88,7 +101,7 @@ def test_a_commit_killed_over_an_older_result_leaves_the_shard_unfinished(tmp_pa
 
     monkeypatch.setattr(out, killed_at, killed)
     with pytest.raises(KeyboardInterrupt):
-        out.commit(Shard("/in/p.parquet", 20, "v2"), stage(out_dir, [7, 8, 9]), {"model": "m", "settings": {}}, "id", 2)
+        commit(out, Shard("/in/p.parquet", 20, "v2"), stage(out_dir, [7, 8, 9]))
     monkeypatch.undo()
     assert out.markers() == {}  # the old marker went first
     ids = pq.read_table(out_dir / old["output"])["id"].to_pylist()
@@ -99,15 +112,15 @@ def test_a_commit_killed_over_an_older_result_leaves_the_shard_unfinished(tmp_pa
 def test_an_empty_shard_replaces_an_older_result(tmp_path):
     out_dir = tmp_path / "out"
     out = shards.Output(str(out_dir))
-    out.commit(Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]), {"model": "m", "settings": {}}, "id", 2)
-    emptied = out.commit(Shard("/in/p.parquet", 5, "v2"), [], {"model": "m", "settings": {}}, "id", 2)
+    commit(out, Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]))
+    emptied = commit(out, Shard("/in/p.parquet", 5, "v2"), [])
     assert emptied["output"] is None and not list(out_dir.glob("*.parquet"))
     assert out.markers() == {emptied["key"]: emptied}
 
 
 def test_clean_deletes_abandoned_results_and_staging_only(tmp_path):
     out = shards.Output(str(tmp_path / "out"))
-    kept = out.commit(Shard("/in/a.parquet", 1, "v"), [], {"model": "m", "settings": {}}, "id", 2)
+    kept = commit(out, Shard("/in/a.parquet", 1, "v"), [])
     (tmp_path / "out" / "done.parquet").write_bytes(b"committed")
     kept["output"] = "done.parquet"
     (tmp_path / "out" / "b-0123.parquet").write_bytes(b"written by a killed attempt, no marker")
