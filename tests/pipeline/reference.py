@@ -25,10 +25,13 @@ def classify(model_dir, texts, pairs=None):
 
 
 @torch.no_grad()
-def embed(model_dir, texts):
+def embed(model_dir, texts, pooling="mean", normalize=False):
     model = transformers.AutoModel.from_pretrained(model_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return np.stack([model(**_encode(tokenizer, t)).last_hidden_state[0].mean(0).numpy() for t in texts])
+    pool = {"mean": lambda out: out.last_hidden_state[0].mean(0), "cls": lambda out: out.last_hidden_state[0, 0],
+            "pooler": lambda out: out.pooler_output[0]}[pooling]  # fmt: skip
+    embeddings = np.stack([pool(model(**_encode(tokenizer, t))).numpy() for t in texts])
+    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True) if normalize else embeddings
 
 
 @torch.no_grad()

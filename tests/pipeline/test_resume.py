@@ -3,14 +3,16 @@ mix models or settings, the output lease, and messy input (bad files, mixed sche
 duplicate ids, huge texts), each with a clear outcome and no row lost."""
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import InputError, Options, TaskOptions, run, runner, shards
+from pipeline import InputError, Options, TaskOptions, run, runner, shards, storage
 from pipeline.tasks import make_task
 from tests.pipeline import reference
 
@@ -57,6 +59,9 @@ def test_reruns_process_only_new_and_changed_shards(ray_session, classify, check
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     np.testing.assert_allclose(np.stack(table["probs"].to_numpy(zero_copy_only=False)), probs, atol=ATOL)
     assert json.loads((out / "_summary.json").read_text()) == third.to_dict()
+    stat = (inp / "part-1.parquet").stat()  # rewritten in place with the same size: the version (mtime) tells
+    os.utime(inp / "part-1.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert (run(str(inp), str(out), classify).shards_run, (inp / "part-1.parquet").stat().st_size) == (1, stat.st_size)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("_")) == ["_manifest", "_summary.json"]
 
 
@@ -68,6 +73,8 @@ def test_other_model_or_settings_are_refused_never_mixed(ray_session, classify, 
 
     with pytest.raises(FileExistsError, match="other settings .*never mixed. Differences: max_length: None there, 16 now.*--overwrite"):
         run(str(inp), str(out), Options(**{**classify.__dict__, "max_length": 16}))
+    with pytest.raises(FileExistsError, match=r"Differences: task_options: \{.*'logits': False.*\} there, \{.*'logits': True"):
+        run(str(inp), str(out), Options(**{**classify.__dict__, "task_options": TaskOptions(logits=True)}))
     model = shutil.copytree(classify.model, tmp_path / "model")
     weights = bytearray((model / "model.safetensors").read_bytes())
     weights[-1] ^= 0xFF  # a different last weight: same shapes, other model
@@ -144,6 +151,20 @@ def test_mixed_schemas_name_both_files(classify, reviews, tmp_path):
         run(str(tmp_path / "in"), str(tmp_path / "out"), classify)
 
 
+def test_footers_keep_row_counts_and_one_schema_per_distinct_schema(tmp_path):
+    """The driver holds every shard's footer until the run ends: its row count and a schema that
+    equal ones share (metadata, which pandas writes per file, dropped), not a whole FileMetaData."""
+    for i, rows in enumerate([2, 3]):
+        write(tmp_path / "in", f"p{i}.parquet", range(rows), ["x"] * rows)
+        table = pq.read_table(tmp_path / "in" / f"p{i}.parquet")
+        pq.write_table(table.replace_schema_metadata({"written": str(i)}), tmp_path / "in" / f"p{i}.parquet")
+    fs, listed = storage.parquet_files(str(tmp_path / "in"))
+    footers, skipped = runner.read_footers(fs, listed, skip_bad_files=False)
+    first, second = (footers[s] for s in listed)
+    assert (first.num_rows, second.num_rows, skipped) == (2, 3, [])
+    assert first.schema is second.schema and first.schema.equals(pq.read_schema(tmp_path / "in" / "p0.parquet"), check_metadata=False)
+
+
 def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, classify, reviews, tmp_path):
     """An output is read as one dataset: a kept column (or the id) of another type than the
     results already there hold would make it unreadable, and every later run fail."""
@@ -166,7 +187,7 @@ def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, clas
     assert pq.read_table(out)["origin"].type == pa.float64()
 
     # An empty shard's marker (no result file) records the flag of a run with nothing to derive: ignored.
-    todo = {shards.Shard(str(inp / "b.parquet"), 0, "v"): pq.ParquetFile(inp / "b.parquet").metadata}
+    todo = {shards.Shard(str(inp / "b.parquet"), 0, "v"): runner.Footer(2, pq.read_schema(inp / "b.parquet"))}
     runner.check_results_schema(shards.Output(str(out)), [{"output": None, "derived_id": False}], todo, True, keep)
     with pytest.raises(InputError, match="has no id column, so its ids would be derived"):
         runner.check_results_schema(shards.Output(str(out)), [{"output": "a.parquet", "derived_id": False}], todo, True, keep)
@@ -183,6 +204,20 @@ def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, clas
 
 def bad_utf8_table(ids, texts_bytes):
     return pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts_bytes, pa.binary()).view(pa.string())})
+
+
+def test_duplicate_ids_of_a_large_output_are_counted_by_ray_data(ray_session, tmp_path, monkeypatch):
+    """Past DRIVER_IDS ids, Ray Data's groupby counts them on the cluster: the count pyarrow gives
+    over the whole output (nulls apart), across files and within them."""
+    monkeypatch.setattr(runner, "DRIVER_IDS", 0)
+    parts = [[1, 2, 2, None], [2, 3, None, 5], [5, 5]]
+    markers = [{"output": None, "counts": {"rows": 0}}]  # an empty shard
+    for i, ids in enumerate(parts):
+        pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), tmp_path / f"r{i}.parquet")
+        markers.append({"output": f"r{i}.parquet", "counts": {"rows": len(ids)}})
+    every = pa.chunked_array([pa.array(ids, pa.int64()) for ids in parts])
+    expected = len(every) - every.null_count - pc.count_distinct(every).as_py()
+    assert runner.duplicate_ids(shards.Output(str(tmp_path)), markers, "id", "digest", new=markers) == expected == 4
 
 
 def test_messy_rows_are_processed_counted_or_failed_alone(ray_session, classify, checkpoints, reviews, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline import InputError, Options, TaskError, TaskOptions, run
-from pipeline.runner import JEMALLOC, SHAPE_CACHE_CAPACITY, SHAPE_CACHES, cpu_inference_env, inference_pool, inference_remote_args
+from pipeline.runner import JEMALLOC, check_job, SHAPE_CACHE_CAPACITY, SHAPE_CACHES, cpu_inference_env, inference_pool, inference_remote_args
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -207,6 +207,8 @@ def test_settings_are_checked_before_any_data_moves(checkpoints, shards, tmp_pat
     for options, error in cases:
         with pytest.raises(TaskError, match=error):
             run(str(shards), str(tmp_path / "out"), options)
+    for bound in (3, 128):  # both ends of the allowed range: one token past the specials, every position
+        check_job(Options(task="classify", model=str(checkpoints["classifier"]), max_length=bound))
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):

@@ -238,7 +238,10 @@ def test_classify_kind_follows_an_explicit_problem_type(bpe_dir, texts, tmp_path
     threshold = float(ranked[gap : gap + 2].mean())
     out = run_infer(binary, "classify", texts, threshold=threshold)
     assert out["labels"].to_pylist() == [["toxic"] if p >= threshold else [] for p in probs]
-    np.testing.assert_allclose(np.stack(out["probs"].to_numpy(zero_copy_only=False))[:, 0], probs, atol=ATOL)
+    stored = np.stack(out["probs"].to_numpy(zero_copy_only=False))[:, 0]
+    np.testing.assert_allclose(stored, probs, atol=ATOL)
+    at = float(stored[gap % len(stored)])  # a threshold equal to a row's stored probability: that row is labeled
+    assert run_infer(binary, "classify", texts, threshold=at)["labels"].to_pylist() == [["toxic"] if p >= at else [] for p in stored]
 
     vector = checkpoint(tmp_path / "vector", bpe_dir, "RobertaForSequenceClassification", num_labels=2, problem_type="regression")
     out = run_infer(vector, "classify", texts)
@@ -258,6 +261,13 @@ def test_embed_equals_transformers_mean_pooling(checkpoints, texts, dtype, layer
     got = np.stack(out["embedding"].to_numpy(zero_copy_only=False))
     assert got.dtype == np.dtype(dtype) and out.schema.field("embedding").type.list_size == 32
     np.testing.assert_allclose(got, reference.embed(checkpoints["base"], texts), atol=ATOL if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.parametrize("pooling, normalize", [("cls", False), ("pooler", False), ("mean", True), ("pooler", True)])
+def test_embed_pooling_and_normalize_equal_transformers(checkpoints, texts, pooling, normalize):
+    out = run_infer(checkpoints["base"], "embed", texts, budget=256, pooling=pooling, normalize=normalize)
+    np.testing.assert_allclose(np.stack(out["embedding"].to_numpy(zero_copy_only=False)),
+                               reference.embed(checkpoints["base"], texts, pooling, normalize), atol=ATOL)  # fmt: skip
 
 
 def test_fill_mask_top_k_at_every_mask(checkpoints, layers):

@@ -51,6 +51,16 @@ def test_tokenize_errors_name_the_column(checkpoints):
         tokenize(pa.table({"id": [1], "text": [3]}))
 
 
+def test_invalid_utf8_in_the_pair_column_fails_its_row_alone(checkpoints):
+    hypothesis = pa.array([b"It was fine.", b"bad \xff byte", b"Great."], pa.binary()).view(pa.string())
+    tokenize = Tokenize(str(checkpoints["classifier"]), pair_column="hypothesis")
+    out = tokenize(pa.table({"id": [0, 1, 2], "text": ["A film.", "Another.", "More."], "hypothesis": hypothesis}))
+    errors = out["error"].to_pylist()
+    assert errors[1].startswith("column 'hypothesis': invalid UTF-8 at byte 4") and errors[0] is errors[2] is None
+    ref = transformers.AutoTokenizer.from_pretrained(checkpoints["classifier"])
+    assert out["input_ids"].take([0, 2]).to_pylist() == ref(["A film.", "More."], ["It was fine.", "Great."])["input_ids"]
+
+
 def test_dictionary_and_all_null_text_columns_are_text(checkpoints, texts):
     """pandas' category dtype arrives dictionary-encoded, a column of only None as Arrow's null type."""
     tokenize = Tokenize(str(checkpoints["classifier"]), keep_columns={"text": "text"})
