@@ -2,7 +2,8 @@
 `rayberta benchmark [options]`: the throughput benchmark (jobs/benchmark.py; `rayberta benchmark --help`).
 
 Without RAY_ADDRESS or --address it starts an embedded local Ray sized to this machine; with one,
-it runs on that cluster. Prints the run summary as JSON (also written to OUTPUT/_summary.json).
+it runs on that cluster. Prints the run summary as JSON, alone on stdout (also written to
+OUTPUT/_summary.json); Ray's and the job's messages go to stderr.
 Exit status: 0 done; 1 a job interrupted by a fault (rerun it: finished shards are kept); 2 what
 must be fixed first (input, checkpoint, flags, output), said in one line without a traceback.
 Rerunning a command resumes it: shards finished with the same model and settings are kept, new,
@@ -12,6 +13,7 @@ changed or unfinished ones run (exactly once per input row; see pipeline/shards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -22,7 +24,7 @@ except ImportError:  # an install without S3 support (the GPU check's minimal on
     BotoCoreError = OSError
 
 from pipeline import JobInterrupted, Options, TaskOptions, run
-from pipeline.runner import DTYPES
+from pipeline.runner import DTYPES, disconnect_ray
 from pipeline.tasks import POOLINGS, TASKS, Embed
 
 
@@ -93,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,
         concurrency=args.concurrency, task_options=task_options,
     )  # fmt: skip
+    # stdout carries the summary only (a script may parse it): Ray prints its raylet's warnings to
+    # stdout, so everything the run prints goes to stderr, Ray's last words included.
     try:
-        summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
-                      address=args.address, skip_bad_files=args.skip_bad_files, max_failed_fraction=args.max_failed_fraction,
-                      prune=args.prune)  # fmt: skip
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
+                              address=args.address, skip_bad_files=args.skip_bad_files,
+                              max_failed_fraction=args.max_failed_fraction, prune=args.prune)  # fmt: skip
+            finally:
+                disconnect_ray()
     except JobInterrupted as e:  # a fault, or a bug: the traceback first, then what to do
         traceback.print_exception(e.__cause__ or e)
         print(f"rayberta: {e}", file=sys.stderr)

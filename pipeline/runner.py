@@ -196,6 +196,7 @@ def init_ray(address: str | None = None, filesystems=()) -> float:
     A Ray already initialized is used as it is: whoever started it passes `workers.runtime_env(...)`
     to `ray.init` there.
     Returns the seconds it took (reported apart from the job's own time)."""
+    global connected_job
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
@@ -205,7 +206,19 @@ def init_ray(address: str | None = None, filesystems=()) -> float:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    connected_job = ray.get_runtime_context().get_job_id()
     return time.perf_counter() - start
+
+
+connected_job: str | None = None  # this driver's job id in the Ray that `init_ray` connected to last
+
+
+def disconnect_ray() -> None:
+    """Leave the Ray `init_ray` connected to (an embedded one stops), if still connected: for a
+    process that runs one job (the CLI), so that Ray prints its last lines (a cluster's warnings
+    about a lost actor, say) before the job's own output, not after it."""
+    if connected_job is not None and ray.is_initialized() and ray.get_runtime_context().get_job_id() == connected_job:
+        ray.shutdown()
 
 
 def check_device(device: str, address: str | None) -> None:
@@ -585,34 +598,38 @@ def run_shards(fs, footers: dict[Shard, Footer], derive_id: bool, out: shards.Ou
                marker: dict, lease: shards.Lease, storage_options: dict | None, max_failed_fraction: float,
                specials: int) -> list[dict]:  # fmt: skip
     """Stream the shards through the pipeline and commit each as soon as all its rows are written.
-    Commits run on driver threads while inference goes on, each waiting for its shard's Ray merge
-    task (`shards.merge`: the results' bytes never pass through the driver, whose part is a few
-    small requests per shard). Returns the new markers.
+    Commits run on driver threads while inference goes on; a shard of several pieces waits for a
+    Ray task to merge them (`shards.merge`: the results' bytes never pass through the driver, whose
+    part is a few small requests per shard). Returns the new markers.
     derive_id: `check_shards`'s answer; specials: the tokens of an empty text (`check_job`), to
     count empty texts. A shard whose rows did not all come back is an error, never a silent loss."""
     by_key = {shards.shard_key(s.path): s for s in footers}
     expected = {k: footers[s].num_rows for k, s in by_key.items()}
     merge = ray.remote(num_cpus=0.25)(shards.merge)  # I/O bound, like the writes of the pieces
 
-    def commit(shard: Shard, pieces: list[str]) -> dict:
-        staged, counts = ray.get(merge.remote(out.uri, storage_options, shard.path, pieces, options.id_column, specials))
-        return out.commit(shard, pieces, staged, counts, marker)
+    def commit(shard: Shard, pieces: list[str], counts: list[dict]) -> dict:
+        if len(pieces) > 1:
+            staged, total = ray.get(merge.remote(out.uri, storage_options, shard.path, pieces, options.id_column, specials))
+        else:  # the piece is the result file; an empty shard has none
+            staged, total = (pieces[0], counts[0]) if pieces else (None, dict.fromkeys(shards.COUNTS, 0))
+        return out.commit(shard, pieces, staged, total, marker)
 
     with ThreadPoolExecutor(COMMIT_THREADS) as pool:
-        commits = [pool.submit(commit, s, []) for s in footers if footers[s].num_rows == 0]
+        commits = [pool.submit(commit, s, [], []) for s in footers if footers[s].num_rows == 0]
         todo = [s for s in footers if footers[s].num_rows]
         if todo:
-            pieces, seen, failed, rows_seen = defaultdict(list), Counter(), 0, 0
-            for batch in pieces_dataset(fs, todo, out, options, derive_id, storage_options, lease.run).iter_batches(
+            pieces, counts, seen, failed, rows_seen = defaultdict(list), defaultdict(list), Counter(), 0, 0
+            for batch in pieces_dataset(fs, todo, out, options, derive_id, storage_options, lease.run, specials).iter_batches(
                     batch_format="pyarrow", batch_size=None):  # fmt: skip
-                for key, piece, rows, bad in zip(*(batch[c].to_pylist() for c in ("shard", "piece", "rows", "failed"))):
+                for key, piece, piece_counts in zip(*(batch[c].to_pylist() for c in shards.PIECES.names)):
                     pieces[key].append(piece)
-                    seen[key] += rows
-                    rows_seen += rows
-                    failed += bad
+                    counts[key].append(piece_counts)
+                    seen[key] += piece_counts["rows"]
+                    rows_seen += piece_counts["rows"]
+                    failed += piece_counts["failed_rows"]
                     if seen[key] == expected[key]:
                         lease.check()
-                        commits.append(pool.submit(commit, by_key[key], pieces.pop(key)))
+                        commits.append(pool.submit(commit, by_key[key], pieces.pop(key), counts.pop(key)))
                 check_failures(failed, rows_seen, max_failed_fraction, final=False)
             check_failures(failed, rows_seen, max_failed_fraction, final=True)
             short = [f"{s.path} ({seen[k]} of {expected[k]} rows)" for k, s in by_key.items() if seen[k] != expected[k]]
@@ -634,8 +651,8 @@ def check_failures(failed: int, rows: int, max_fraction: float, final: bool) -> 
 
 
 def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, derive_id: bool,
-                   storage_options: dict | None, run: str) -> ray.data.Dataset:  # fmt: skip
-    """read_parquet -> Tokenize -> Infer -> write pieces: a dataset of (shard, piece, rows, failed)."""
+                   storage_options: dict | None, run: str, specials: int) -> ray.data.Dataset:  # fmt: skip
+    """read_parquet -> Tokenize -> Infer -> write pieces: a dataset of (shard, piece, counts)."""
     columns = read_columns(options, derive_id)
     # partitioning=None: a folder named like `text=foo/` is not a column (the footers' checks saw none).
     ds = ray.data.read_parquet([s.path for s in todo], filesystem=storage.arrow_filesystem(fs), partitioning=None,
@@ -643,7 +660,8 @@ def pieces_dataset(fs, todo: list[Shard], out: shards.Output, options: Options, 
     if derive_id:
         ds = ds.rename_columns({"row_hash": options.id_column})
     ds = build(ds, options).map_batches(
-        shards.write_pieces, fn_kwargs=dict(output=out.uri, storage_options=storage_options, run=run, path_column=PATH),
+        shards.write_pieces, fn_kwargs=dict(output=out.uri, storage_options=storage_options, run=run, path_column=PATH,
+                                            id_column=options.id_column, special_tokens=specials),
         batch_format="pyarrow", batch_size=None, num_cpus=0.25,
     )  # fmt: skip
     # Blocks leave each stage in input order, so shards finish (and commit) one after another

@@ -11,7 +11,7 @@ An output (a local directory or an s3:// prefix) holds:
 
 Inference writes each block's results as a piece under _staging and tells the driver; once the
 driver has heard of every row of a shard (row counts come from the Parquet footers), a Ray task
-merges the pieces into a temporary file under _staging (`merge`; a single piece is that file
+merges its pieces into a temporary file under _staging (`merge`; a single piece is that file
 already), and the driver commits it (`Output.commit`): it deletes the shard's
 old marker, if any, moves the file into place (atomic: a rename locally, a server-side copy on
 S3; it replaces an older result of the same shard whole), then writes the new marker. A marker
@@ -218,45 +218,43 @@ class Output:
         return marker
 
 
+def counts_of(table: pa.Table, id_column: str, special_tokens: int) -> dict:
+    """A results table's counts (the marker's `counts`; duplicate ids within the table)."""
+    # A failed row was tokenized as an empty text: it counts as failed, not as empty.
+    empty = pc.and_(pc.less_equal(table["input_tokens"], special_tokens), pc.is_null(table["error"]))
+    return {"rows": table.num_rows, "tokens": pc.sum(table["input_tokens"]).as_py() or 0,
+            "truncated_rows": pc.sum(table["truncated"]).as_py() or 0, "empty_texts": pc.sum(empty).as_py() or 0,
+            "failed_rows": failed_rows(table), "null_ids": table[id_column].null_count,
+            "duplicate_ids": duplicate_ids(table[id_column])}  # fmt: skip
+
+
 def merge(output: str, storage_options: dict | None, shard_path: str, pieces: list[str], id_column: str,
-          special_tokens: int) -> tuple[str | None, dict]:  # fmt: skip
-    """A shard's pieces as one staged result file, and the shard's counts: (path or None, counts).
-    The runner runs it as a Ray task, so that results never pass through the driver. Several
-    pieces are streamed into a new file (one piece in memory at a time); a single piece is the
-    result file as it is (only its counted columns are read)."""
+          special_tokens: int) -> tuple[str, dict]:  # fmt: skip
+    """Several pieces of a shard streamed into one staged result file (one piece in memory at a
+    time): (its path, the shard's counts). The runner runs it as a Ray task, so that results never
+    pass through the driver; a shard of one piece needs none (the piece is its result file)."""
     out = Output(output, storage_options)
-    counts = dict.fromkeys(COUNTS, 0)
-    if not pieces:
-        return None, counts
-    counted = ["input_tokens", "truncated", "error", id_column]
-    target = pieces[0] if len(pieces) == 1 else out.join(STAGING, f"{output_name(shard_path)}.{uuid.uuid4().hex}.tmp")
+    target = out.join(STAGING, f"{output_name(shard_path)}.{uuid.uuid4().hex}.tmp")
     out.make_parent(target)
-    ids, writer = [], None
+    counts, ids, writer = dict.fromkeys(COUNTS, 0), [], None
     try:
         for piece in pieces:
-            table = pq.read_table(piece, filesystem=out.arrow_fs, columns=counted if piece == target else None)
-            if piece != target:
-                writer = writer or pq.ParquetWriter(target, table.schema, filesystem=out.arrow_fs)
-                writer.write_table(table)
-            counts["rows"] += table.num_rows
-            counts["tokens"] += pc.sum(table["input_tokens"]).as_py() or 0
-            counts["truncated_rows"] += pc.sum(table["truncated"]).as_py() or 0
-            # A failed row was tokenized as an empty text: it counts as failed, not as empty.
-            empty = pc.and_(pc.less_equal(table["input_tokens"], special_tokens), pc.is_null(table["error"]))
-            counts["empty_texts"] += pc.sum(empty).as_py() or 0
-            counts["failed_rows"] += failed_rows(table)
+            table = pq.read_table(piece, filesystem=out.arrow_fs)
+            writer = writer or pq.ParquetWriter(target, table.schema, filesystem=out.arrow_fs)
+            writer.write_table(table)
+            counts = {k: v + counts[k] for k, v in counts_of(table, id_column, special_tokens).items()}
             ids.append(table[id_column])
     finally:  # also on an error: an open writer holds a file handle (on S3, an upload)
         if writer is not None:
             writer.close()
-    counts["null_ids"] = sum(column.null_count for column in ids)
-    counts["duplicate_ids"] = duplicate_ids(pa.chunked_array(ids))
+    counts["duplicate_ids"] = duplicate_ids(pa.chunked_array(ids))  # across pieces too
     return target, counts
 
 
-def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run: str, path_column: str) -> pa.Table:
+def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run: str, path_column: str,
+                 id_column: str, special_tokens: int) -> pa.Table:  # fmt: skip
     """Stage: writes a block's results as one piece per input shard under _staging; returns only
-    what the driver needs to commit shards: (shard, piece, rows, failed)."""
+    what the driver needs to commit shards: (shard, piece, counts: `counts_of` the piece)."""
     out = Output(output, storage_options)
     rows = []
     paths = batch[path_column]
@@ -265,8 +263,11 @@ def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run
         piece = out.join(STAGING, run, shard_key(path), f"{uuid.uuid4().hex}.parquet")
         out.make_parent(piece)
         pq.write_table(part, piece, filesystem=out.arrow_fs)
-        rows.append((shard_key(path), piece, part.num_rows, failed_rows(part)))
-    return pa.table(list(zip(*rows)) if rows else [[], [], [], []], names=["shard", "piece", "rows", "failed"])
+        rows.append({"shard": shard_key(path), "piece": piece, "counts": counts_of(part, id_column, special_tokens)})
+    return pa.Table.from_pylist(rows, schema=PIECES)
+
+
+PIECES = pa.schema([("shard", pa.string()), ("piece", pa.string()), ("counts", pa.struct([(k, pa.int64()) for k in COUNTS]))])
 
 
 class Lease:

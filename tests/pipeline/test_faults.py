@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -46,7 +47,7 @@ def corpus_dir(tmp_path, fault_corpus):
 def start_job(head, model, corpus_dir, output) -> subprocess.Popen:
     command = [sys.executable, "-m", "jobs.cli", "classify", "--model", str(model), "--input", str(corpus_dir),
                "--output", str(output), "--max-length", "64", "--address", f"127.0.0.1:{head.gcs_port}"]  # fmt: skip
-    return subprocess.Popen(command, cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def markers(output) -> list[dict]:
@@ -62,7 +63,7 @@ def wait_for_first_commit(job: subprocess.Popen, output, timeout: float = 240) -
     """Block until a shard is committed while the job still runs; returns the markers then."""
     deadline = time.monotonic() + timeout
     while not (done := committed(output)):
-        assert job.poll() is None, f"the job ended before any commit:\n{job.stdout.read()[-4000:]}"
+        assert job.poll() is None, f"the job ended before any commit:\n{job.stderr.read()[-4000:]}"
         assert time.monotonic() < deadline, "no shard committed in time"
         time.sleep(0.05)
     assert len(done) < FAULT_SHARDS, "the job finished before the fault could be injected"
@@ -70,8 +71,11 @@ def wait_for_first_commit(job: subprocess.Popen, output, timeout: float = 240) -
 
 
 def finish(job: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    out, _ = job.communicate(timeout=timeout)
-    return job.returncode, out
+    """(exit status, stderr then stdout); a job that succeeds prints its summary alone on stdout."""
+    out, err = job.communicate(timeout=timeout)
+    if job.returncode == 0:
+        assert json.loads(out) == summary_of(Path(job.args[job.args.index("--output") + 1])), out[-4000:]
+    return job.returncode, err + out
 
 
 def summary_of(output) -> dict:

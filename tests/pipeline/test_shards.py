@@ -26,16 +26,24 @@ def test_write_pieces_splits_a_block_by_shard_and_names_files_by_shard_only(tmp_
     out = tmp_path / "out"
     batch = piece_table([1, 2, 3, 4], error=[None, "bad", None, None]).append_column(
         "path", pa.array(["/in/a.parquet", "/in/b.parquet", "/in/a.parquet", "/in/a.parquet"]))  # fmt: skip
-    written = shards.write_pieces(batch, str(out), None, run="r1", path_column="path")
-    by_shard = {k: (r, f) for k, r, f in zip(written["shard"].to_pylist(), written["rows"].to_pylist(), written["failed"].to_pylist())}
-    assert by_shard == {shards.shard_key("/in/a.parquet"): (3, 0), shards.shard_key("/in/b.parquet"): (1, 1)}
+    written = shards.write_pieces(batch, str(out), None, run="r1", path_column="path", id_column="id", special_tokens=2)
+    by_shard = dict(zip(written["shard"].to_pylist(), written["counts"].to_pylist()))
+    # ids 1-4: input_tokens 7, 7, 7, 7; truncated: id 3; id 2 failed
+    assert by_shard == {shards.shard_key("/in/a.parquet"): {"rows": 3, "tokens": 21, "truncated_rows": 1, "empty_texts": 0,
+                                                            "failed_rows": 0, "null_ids": 0, "duplicate_ids": 0},
+                        shards.shard_key("/in/b.parquet"): {"rows": 1, "tokens": 7, "truncated_rows": 0, "empty_texts": 0,
+                                                            "failed_rows": 1, "null_ids": 0, "duplicate_ids": 0}}  # fmt: skip
     for piece in written["piece"].to_pylist():
         assert piece.startswith(str(out / "_staging" / "r1")) and "path" not in pq.read_table(piece).column_names
 
 
 def commit(out: shards.Output, shard: Shard, pieces: list[str]) -> dict:
-    """What the runner does: the merge (a Ray task there), then the commit."""
-    staged, counts = shards.merge(out.uri, None, shard.path, pieces, id_column="id", special_tokens=2)
+    """What the runner does: several pieces merged (a Ray task there); one piece is the result file,
+    with the counts `write_pieces` gave it; then the commit."""
+    if len(pieces) > 1:
+        staged, counts = shards.merge(out.uri, None, shard.path, pieces, id_column="id", special_tokens=2)
+    else:
+        staged, counts = (pieces[0], shards.counts_of(pq.read_table(pieces[0]), "id", 2)) if pieces else (None, dict.fromkeys(shards.COUNTS, 0))
     return out.commit(shard, pieces, staged, counts, {"model": "m", "settings": {}})
 
 
