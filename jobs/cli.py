@@ -24,7 +24,7 @@ except ImportError:  # an install without S3 support (the GPU check's minimal on
     BotoCoreError = OSError
 
 from pipeline import JobInterrupted, Options, TaskOptions, run
-from pipeline.runner import DTYPES, disconnect_ray
+from pipeline.runner import DTYPES, own_ray_connection
 from pipeline.tasks import POOLINGS, TASKS, Embed
 
 
@@ -96,15 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency, task_options=task_options,
     )  # fmt: skip
     # stdout carries the summary only (a script may parse it): Ray prints its raylet's warnings to
-    # stdout, so everything the run prints goes to stderr, Ray's last words included.
+    # Python's stdout, so what the run prints goes to stderr, Ray's last words included.
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            try:
-                summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
-                              address=args.address, skip_bad_files=args.skip_bad_files,
-                              max_failed_fraction=args.max_failed_fraction, prune=args.prune)  # fmt: skip
-            finally:
-                disconnect_ray()
+        with contextlib.redirect_stdout(sys.stderr), own_ray_connection():
+            summary = run(args.input, args.output, options, overwrite=args.overwrite, storage_options=storage_options,
+                          address=args.address, skip_bad_files=args.skip_bad_files,
+                          max_failed_fraction=args.max_failed_fraction, prune=args.prune)  # fmt: skip
     except JobInterrupted as e:  # a fault, or a bug: the traceback first, then what to do
         traceback.print_exception(e.__cause__ or e)
         print(f"rayberta: {e}", file=sys.stderr)

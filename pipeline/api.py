@@ -9,7 +9,7 @@ import ray
 
 from pipeline import storage
 from pipeline.runner import DEFAULT_ID, Options, build, check_job, check_schema, init_ray, job_columns
-from pipeline.tasks import TaskOptions
+from pipeline.tasks import TaskError, TaskOptions
 from pipeline.tokenize import InputError
 
 
@@ -43,7 +43,9 @@ def apply(task: str, data, model: str, text_column: str = "text", id_column: str
     keep_columns: a name, names, or {input column: output name} (as the CLI's `label:gold_label`)."""
     task_fields = TaskOptions.__dataclass_fields__
     task_options = TaskOptions(**{k: v for k, v in settings.items() if k in task_fields})
-    if isinstance(keep_columns, dict):
+    if isinstance(keep_columns, dict):  # as the CLI spells it: "input:output"
+        if any(":" in c for c in keep_columns):
+            raise TaskError(f"keep_columns {keep_columns}: a column whose name holds ':' cannot be kept; rename it first")
         keep_columns = [f"{c}:{name}" for c, name in keep_columns.items()]
     options = Options(task=task, model=str(model), text_column=text_column, id_column=id_column,
                       keep_columns=(keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns), task_options=task_options,

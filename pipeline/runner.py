@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -196,7 +197,6 @@ def init_ray(address: str | None = None, filesystems=()) -> float:
     A Ray already initialized is used as it is: whoever started it passes `workers.runtime_env(...)`
     to `ray.init` there.
     Returns the seconds it took (reported apart from the job's own time)."""
-    global connected_job
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
@@ -206,19 +206,21 @@ def init_ray(address: str | None = None, filesystems=()) -> float:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    connected_job = ray.get_runtime_context().get_job_id()
     return time.perf_counter() - start
 
 
-connected_job: str | None = None  # this driver's job id in the Ray that `init_ray` connected to last
-
-
-def disconnect_ray() -> None:
-    """Leave the Ray `init_ray` connected to (an embedded one stops), if still connected: for a
-    process that runs one job (the CLI), so that Ray prints its last lines (a cluster's warnings
-    about a lost actor, say) before the job's own output, not after it."""
-    if connected_job is not None and ray.is_initialized() and ray.get_runtime_context().get_job_id() == connected_job:
-        ray.shutdown()
+@contextmanager
+def own_ray_connection():
+    """For a process that runs one job (the CLI): a Ray connection made inside the block is left
+    as it ends (an embedded Ray stops), so that Ray prints its last lines (a cluster's warnings
+    about a lost actor, say) inside the block, not after the job's own output. A Ray connected
+    before the block (a notebook's, a test session's) stays."""
+    connected = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not connected and ray.is_initialized():
+            ray.shutdown()
 
 
 def check_device(device: str, address: str | None) -> None:
@@ -321,7 +323,8 @@ def check_schema(schema: pa.Schema, options: Options, task: Task, source: str) -
     if missing:
         raise InputError(f"{source}: --keep-columns {missing} not found; available columns: {names}")
     if PATH in (options.text_column, options.pair_column, options.id_column, *kept, *kept.values()):
-        raise InputError(f"{source}: the column name {PATH!r} is reserved for the input path; rename that column")
+        raise InputError(f"{source}: the column name {PATH!r} is reserved for the input path; rename that column "
+                         "in the input, and give no kept column that name")
     written = (*ADDED_COLUMNS, *task.output_columns())
     clashes = [c for c in (options.id_column, *kept.values()) if c in written]
     if kept_as_id := [c for c, name in kept.items() if name == options.id_column and c != options.id_column]:
@@ -491,7 +494,6 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             new = run_shards(fs, footers, derive_id, out, options, {**job, "run": lease.run, "derived_id": derive_id}, lease, storage_options,
                              max_failed_fraction, specials)  # fmt: skip
             out.drop_staging()
-            wall = time.perf_counter() - start
             finished.update({m["key"]: m for m in new})
             kept = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
             # A file skipped as unreadable keeps the results of its earlier, readable version: in the
@@ -503,6 +505,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             digest = output_digest(current)
             if current:
                 totals["duplicate_ids"] = duplicate_ids(out, current, options.id_column, digest, new, address)
+            wall = time.perf_counter() - start  # the whole-output duplicate count included
             # Over the listed input only: results of a deleted input must not fail every later run.
             check_failures(*(sum(m["counts"][k] for m in kept) for k in ("failed_rows", "rows")), max_failed_fraction, final=True)
             tokens_run = sum(m["counts"]["tokens"] for m in new)
@@ -605,13 +608,16 @@ def run_shards(fs, footers: dict[Shard, Footer], derive_id: bool, out: shards.Ou
     count empty texts. A shard whose rows did not all come back is an error, never a silent loss."""
     by_key = {shards.shard_key(s.path): s for s in footers}
     expected = {k: footers[s].num_rows for k, s in by_key.items()}
-    merge = ray.remote(num_cpus=0.25)(shards.merge)  # I/O bound, like the writes of the pieces
+    # I/O bound, like the writes of the pieces; idempotent (a new staged file each try), so a
+    # passing storage error is retried.
+    merge = ray.remote(num_cpus=0.25, retry_exceptions=[OSError])(shards.merge)
 
     def commit(shard: Shard, pieces: list[str], counts: list[dict]) -> dict:
         if len(pieces) > 1:
             staged, total = ray.get(merge.remote(out.uri, storage_options, shard.path, pieces, options.id_column, specials))
         else:  # the piece is the result file; an empty shard has none
             staged, total = (pieces[0], counts[0]) if pieces else (None, dict.fromkeys(shards.COUNTS, 0))
+        lease.check()  # after the merge's wait: another job may have taken the output meanwhile
         return out.commit(shard, pieces, staged, total, marker)
 
     with ThreadPoolExecutor(COMMIT_THREADS) as pool:
@@ -628,14 +634,14 @@ def run_shards(fs, footers: dict[Shard, Footer], derive_id: bool, out: shards.Ou
                     rows_seen += piece_counts["rows"]
                     failed += piece_counts["failed_rows"]
                     if seen[key] == expected[key]:
-                        lease.check()
                         commits.append(pool.submit(commit, by_key[key], pieces.pop(key), counts.pop(key)))
                 check_failures(failed, rows_seen, max_failed_fraction, final=False)
             check_failures(failed, rows_seen, max_failed_fraction, final=True)
             short = [f"{s.path} ({seen[k]} of {expected[k]} rows)" for k, s in by_key.items() if seen[k] != expected[k]]
             if short:
                 raise InputError(f"Ray Data's read returned other row counts than the Parquet footers give for {', '.join(short)}; "
-                                 "nothing of these files was committed. A name Ray Data misreads (a '?' starts a URL "
+                                 "a file with fewer rows was not committed, one with more was committed at its footer's "
+                                 "count, without the rest. A name Ray Data misreads (a '?' starts a URL "
                                  "query) or a file rewritten during the run does this: rename the file or rerun")  # fmt: skip
         return [c.result() for c in commits]
 

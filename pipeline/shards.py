@@ -5,7 +5,8 @@ An output (a local directory or an s3:// prefix) holds:
     <input stem>-<key>.parquet    the results of one input shard (key: sha1 of the input path)
     _manifest/<key>.json          its commit marker: the input's path, size and version, the job's
                                   fingerprint (model files and settings) and the shard's counts
-    _staging/<run>/...            pieces of shards in flight (Parquet readers skip `_` paths)
+    _staging/...                  pieces of shards in flight, and merged files before their commit
+                                  (Parquet readers skip `_` paths)
     _lock.json                    the lease of the job writing this output
     _summary.json                 the report of the last successful run
 

@@ -207,6 +207,8 @@ def test_settings_are_checked_before_any_data_moves(checkpoints, shards, tmp_pat
     for options, error in cases:
         with pytest.raises(TaskError, match=error):
             run(str(shards), str(tmp_path / "out"), options)
+    with pytest.raises(TaskError, match="a column whose name holds ':' cannot be kept"):  # "a:b:c" would keep a as b:c
+        pipeline.classify(str(shards), model=checkpoints["classifier"], keep_columns={"a:b": "c"})
     for bound in (3, 128):  # both ends of the allowed range: one token past the specials, every position
         check_job(Options(task="classify", model=str(checkpoints["classifier"]), max_length=bound))
     no_tokenizer = tmp_path / "no-tokenizer"
