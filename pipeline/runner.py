@@ -613,10 +613,10 @@ def run_shards(fs, footers: dict[Shard, Footer], derive_id: bool, out: shards.Ou
     merge = ray.remote(num_cpus=0.25, retry_exceptions=[OSError])(shards.merge)
 
     def commit(shard: Shard, pieces: list[str], counts: list[dict]) -> dict:
+        total = {k: sum(c[k] for c in counts) for k in shards.COUNTS}  # the pieces' (`write_pieces`)
+        staged = pieces[0] if pieces else None  # one piece is the result file; an empty shard has none
         if len(pieces) > 1:
-            staged, total = ray.get(merge.remote(out.uri, storage_options, shard.path, pieces, options.id_column, specials))
-        else:  # the piece is the result file; an empty shard has none
-            staged, total = (pieces[0], counts[0]) if pieces else (None, dict.fromkeys(shards.COUNTS, 0))
+            staged, total["duplicate_ids"] = ray.get(merge.remote(out.uri, storage_options, shard.path, pieces, options.id_column))
         lease.check()  # after the merge's wait: another job may have taken the output meanwhile
         return out.commit(shard, pieces, staged, total, marker)
 

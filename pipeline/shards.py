@@ -229,27 +229,25 @@ def counts_of(table: pa.Table, id_column: str, special_tokens: int) -> dict:
             "duplicate_ids": duplicate_ids(table[id_column])}  # fmt: skip
 
 
-def merge(output: str, storage_options: dict | None, shard_path: str, pieces: list[str], id_column: str,
-          special_tokens: int) -> tuple[str, dict]:  # fmt: skip
+def merge(output: str, storage_options: dict | None, shard_path: str, pieces: list[str], id_column: str) -> tuple[str, int]:
     """Several pieces of a shard streamed into one staged result file (one piece in memory at a
-    time): (its path, the shard's counts). The runner runs it as a Ray task, so that results never
-    pass through the driver; a shard of one piece needs none (the piece is its result file)."""
+    time): (its path, the shard's duplicate ids, which repeat across pieces too; the other counts
+    are the pieces' summed, from `write_pieces`). The runner runs it as a Ray task, so that results
+    never pass through the driver; a shard of one piece needs none (the piece is its result file)."""
     out = Output(output, storage_options)
     target = out.join(STAGING, f"{output_name(shard_path)}.{uuid.uuid4().hex}.tmp")
     out.make_parent(target)
-    counts, ids, writer = dict.fromkeys(COUNTS, 0), [], None
+    ids, writer = [], None
     try:
         for piece in pieces:
             table = pq.read_table(piece, filesystem=out.arrow_fs)
             writer = writer or pq.ParquetWriter(target, table.schema, filesystem=out.arrow_fs)
             writer.write_table(table)
-            counts = {k: v + counts[k] for k, v in counts_of(table, id_column, special_tokens).items()}
             ids.append(table[id_column])
     finally:  # also on an error: an open writer holds a file handle (on S3, an upload)
         if writer is not None:
             writer.close()
-    counts["duplicate_ids"] = duplicate_ids(pa.chunked_array(ids))  # across pieces too
-    return target, counts
+    return target, duplicate_ids(pa.chunked_array(ids))
 
 
 def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run: str, path_column: str,

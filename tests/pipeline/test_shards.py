@@ -38,13 +38,14 @@ def test_write_pieces_splits_a_block_by_shard_and_names_files_by_shard_only(tmp_
 
 
 def commit(out: shards.Output, shard: Shard, pieces: list[str]) -> dict:
-    """What the runner does: several pieces merged (a Ray task there); one piece is the result file,
-    with the counts `write_pieces` gave it; then the commit."""
+    """What the runner does: the counts `write_pieces` gives each piece, summed; several pieces
+    merged (a Ray task there), with the duplicate ids across them; one piece is the result file."""
+    counts = [shards.counts_of(pq.read_table(p), "id", special_tokens=2) for p in pieces]
+    total = {k: sum(c[k] for c in counts) for k in shards.COUNTS}
+    staged = pieces[0] if pieces else None
     if len(pieces) > 1:
-        staged, counts = shards.merge(out.uri, None, shard.path, pieces, id_column="id", special_tokens=2)
-    else:
-        staged, counts = (pieces[0], shards.counts_of(pq.read_table(pieces[0]), "id", 2)) if pieces else (None, dict.fromkeys(shards.COUNTS, 0))
-    return out.commit(shard, pieces, staged, counts, {"model": "m", "settings": {}})
+        staged, total["duplicate_ids"] = shards.merge(out.uri, None, shard.path, pieces, id_column="id")
+    return out.commit(shard, pieces, staged, total, {"model": "m", "settings": {}})
 
 
 def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
