@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -457,7 +458,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
     out.check_ours(overwrite)
     job = {"model": shards.model_digest(options.model), "settings": settings(options)}
     with shards.Lease(out) as lease:
-        markers = {} if overwrite else out.markers()
+        markers, fetched = ({}, 0) if overwrite else out.markers()
         for marker in markers.values():
             check_same_job(marker, job, output)
         listed = {shards.shard_key(s.path) for s in inputs}
@@ -495,6 +496,12 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
                              max_failed_fraction, specials)  # fmt: skip
             out.drop_staging()
             finished.update({m["key"]: m for m in new})
+            if fetched or new or (prune and stale):  # the next run then reads the markers in one GET
+                try:
+                    out.write_index({**markers, **{m["key"]: m for m in new}})
+                except OSError as e:  # only a cache, and an older index stays safe to use: the job is done
+                    warnings.warn(f"could not write the commit markers' index in {output} ({e}); the next run "
+                                  "reads the markers one by one", RuntimeWarning, stacklevel=2)  # fmt: skip
             kept = [finished[k] for k in (shards.shard_key(s.path) for s in inputs) if k in finished]
             # A file skipped as unreadable keeps the results of its earlier, readable version: in the
             # output and its counts, but not reused (nor run).

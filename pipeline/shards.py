@@ -5,6 +5,9 @@ An output (a local directory or an s3:// prefix) holds:
     <input stem>-<key>.parquet    the results of one input shard (key: sha1 of the input path)
     _manifest/<key>.json          its commit marker: the input's path, size and version, the job's
                                   fingerprint (model files and settings) and the shard's counts
+    _manifest/_index.arrow        a cache of the markers, each with its file's stamp: a run reads
+                                  them in one GET and fetches only those whose file differs
+                                  (`Output.markers`, `Output.write_index`)
     _staging/...                  pieces of shards in flight, and merged files before their commit
                                   (Parquet readers skip `_` paths)
     _lock.json                    the lease of the job writing this output
@@ -56,6 +59,9 @@ from pipeline import storage
 from pipeline.storage import Shard
 
 MANIFEST, STAGING, LOCK = "_manifest", "_staging", "_lock.json"
+# In MANIFEST, beside the markers. Arrow, not Parquet: a reader globbing OUTPUT/**/*.parquet must
+# not take it for results.
+INDEX = "_index.arrow"
 # A shard's counts, in its marker (a run's summary adds them up).
 COUNTS = ("rows", "tokens", "truncated_rows", "empty_texts", "failed_rows", "null_ids", "duplicate_ids")
 OWN_ENTRIES = {MANIFEST, STAGING, LOCK, storage.SUMMARY_FILE}
@@ -110,6 +116,9 @@ class Output:
             raise ValueError(f"output {uri}: a path with *, ?, [ or ] is not supported; choose another name")
         self.arrow_fs = storage.arrow_filesystem(self.fs)
         self.local = storage.is_local(self.fs)
+        # shard key -> the stamp of the marker file this process read (as listed before the read)
+        # or wrote (as the write left it): `write_index` pairs each marker with it
+        self.stamps: dict[str, str] = {}
 
     def join(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -140,16 +149,20 @@ class Output:
         if self.local:
             os.makedirs(posixpath.dirname(path), exist_ok=True)
 
-    def put(self, path: str, data: bytes) -> None:
-        """Atomic small write: a reader sees the old content or the new, never a part."""
+    def put(self, path: str, data: bytes) -> str | None:
+        """Atomic small write: a reader sees the old content or the new, never a part. Returns the
+        written file's `stamp` (None where the store gives none)."""
         if self.local:
             self.make_parent(path)
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
                 f.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)  # one PUT: the object appears whole
+                f.flush()
+                os.replace(tmp, path)
+                written = os.fstat(f.fileno())  # this file, whatever the path names by now (the rename set its ctime)
+            return stamp(local_info(written))
+        response = self.fs.pipe_file(path, data)  # one PUT: the object appears whole
+        return stamp({"size": len(data), "ETag": (response or {}).get("ETag")})
 
     def remove(self, path: str) -> None:
         """Delete a file if it is there, in one request (no existence check first). `rm_file`, not
@@ -169,11 +182,24 @@ class Output:
             self.fs.cp_file(source, target)
             self.fs.rm_file(source)
 
-    def markers(self) -> dict[str, dict]:
-        """Commit markers by shard key."""
-        files = self.fs.glob(self.join(MANIFEST, "*.json"))
-        contents = self.fs.cat(files) if files else {}  # one concurrent request per marker on S3
-        markers = {}
+    def markers(self) -> tuple[dict[str, dict], int]:
+        """(commit markers by shard key, how many were fetched one by one). The listing says which
+        markers exist; each one whose file has the stamp the index recorded (`write_index`) comes
+        from the index, read in one GET, and the others (new since, rewritten by a run that stopped
+        before writing the index, edited by hand) are fetched, one concurrent GET each."""
+        self.fs.invalidate_cache(self.join(MANIFEST))  # s3fs keeps listings: another process may have written since
+        listed = self.fs.glob(self.join(MANIFEST, "*.json"), detail=True)  # {path: info}
+        indexed = self.read_index()
+        markers, fetch = {}, {}
+        for path, info in listed.items():
+            known = stamp(info)
+            recorded, marker = indexed.get(posixpath.basename(path), (None, None))
+            if known is not None and recorded == known:
+                markers[marker["key"]] = marker
+                self.stamps[marker["key"]] = known
+            else:
+                fetch[path] = known
+        contents = self.fs.cat(list(fetch)) if fetch else {}  # one concurrent request per marker on S3
         for path, content in contents.items():
             try:
                 marker = json.loads(content)
@@ -181,7 +207,44 @@ class Output:
             except (ValueError, KeyError, TypeError):
                 raise ValueError(f"commit marker {path} is damaged (not this pipeline's JSON); delete it and rerun: its "
                                  "shard is then redone, and its result file, which no marker names then, deleted") from None  # fmt: skip
-        return markers
+            # Listed before the read: a file rewritten in between has a newer stamp, so is fetched again.
+            if fetch.get(path) is not None:
+                self.stamps[marker["key"]] = fetch[path]
+        return markers, len(fetch)
+
+    def read_index(self) -> dict[str, tuple[str, dict]]:
+        """{marker file name: (stamp, marker)} from the index; {} if there is none or it does not
+        parse (it is only a cache: every marker is fetched then). A storage error is raised."""
+        try:
+            data = self.fs.cat_file(self.join(MANIFEST, INDEX))
+        except FileNotFoundError:
+            return {}
+        try:
+            table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+            index = {}
+            for name, recorded, text in zip(*(table[c].to_pylist() for c in ("file", "stamp", "marker"))):
+                marker = json.loads(text)
+                if not isinstance(marker.get("key"), str):
+                    raise ValueError(f"{name}: no key")
+                index[name] = (recorded, marker)
+            return index
+        except (pa.ArrowException, KeyError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def write_index(self, markers: dict[str, dict]) -> None:
+        """Write the index: `markers` (by shard key, as their files hold them: read or written by
+        this process) with the stamps of those files as this process read or wrote them (`stamps`),
+        so that the next run reads them in one GET. A stamp comes with its content, not from a
+        later listing: a marker rewritten since by another job (one that took over the lease)
+        has another stamp and is fetched. Markers without a stamp are left out."""
+        rows = [(f"{key}.json", self.stamps[key], json.dumps(m)) for key, m in markers.items() if self.stamps.get(key)]
+        if not rows:
+            return
+        table = pa.table(dict(zip(("file", "stamp", "marker"), map(list, zip(*rows)))), schema=INDEX_SCHEMA)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, INDEX_SCHEMA, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+            writer.write_table(table)  # zstd: the markers' shared fields (model, settings) compress well
+        self.put(self.join(MANIFEST, INDEX), sink.getvalue().to_pybytes())
 
     def clean(self, markers: dict[str, dict], entries: list[str]) -> list[str]:
         """Delete result files no marker names (left by another pipeline version or a run whose
@@ -213,10 +276,33 @@ class Output:
             self.move(staged, self.join(name))
         else:
             self.remove(self.join(name))
-        self.put(marker_path, json.dumps(marker, indent=1).encode())  # the commit point
+        written = self.put(marker_path, json.dumps(marker, indent=1).encode())  # the commit point
+        if written is not None:
+            self.stamps[marker["key"]] = written
         if leftover := [p for p in pieces if p != staged]:
             self.fs.rm(leftover)
         return marker
+
+
+INDEX_SCHEMA = pa.schema([("file", pa.string()), ("stamp", pa.string()), ("marker", pa.string())])
+
+
+def stamp(info: dict) -> str | None:
+    """What tells a marker file's content from any other, from its listing (`fs.glob(detail=True)`)
+    or its write: on S3 its size and ETag (a PUT of other content gets another); locally its size,
+    inode, ctime and mtime (every write is a new file renamed into place, so a new inode, and no
+    one can set a ctime back). None where neither is known: such a marker is always fetched."""
+    if info.get("ETag"):
+        return f"{info['size']}:{info['ETag']}"
+    if info.get("ino") is not None and info.get("created") is not None:
+        return f"{info['size']}:{info['ino']}:{info['created']}:{info.get('mtime')}"
+    return None
+
+
+def local_info(st: os.stat_result) -> dict:
+    """The fields of fsspec's local listing that `stamp` reads (`created`: the birth time where the
+    OS gives one, else the ctime, as fsspec takes it)."""
+    return {"size": st.st_size, "ino": st.st_ino, "created": getattr(st, "st_birthtime", st.st_ctime), "mtime": st.st_mtime}
 
 
 def counts_of(table: pa.Table, id_column: str, special_tokens: int) -> dict:

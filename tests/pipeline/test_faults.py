@@ -23,8 +23,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import shards
 from tests.cluster import REPO, head_node, kill_node, worker_node, workers_of
-from tests.conftest import FAULT_ROWS, FAULT_SHARDS, assert_exactly_once
+from tests.conftest import FAULT_ROWS, FAULT_SHARDS, assert_exactly_once, marker_files
 
 OBJECT_STORE = 300 * 2**20  # per node: three nodes share this machine's memory
 pytestmark = pytest.mark.slow  # about a minute each: `make test` (and CI) runs them, a bare `pytest` does not
@@ -51,7 +52,7 @@ def start_job(head, model, corpus_dir, output) -> subprocess.Popen:
 
 
 def markers(output) -> list[dict]:
-    return [json.loads(p.read_text()) for p in (output / "_manifest").glob("*.json")] if (output / "_manifest").exists() else []
+    return list(marker_files(output).values())
 
 
 def committed(output) -> list[dict]:
@@ -87,6 +88,7 @@ def check_output(output, corpus) -> None:
     expected = [i for t in corpus for i in t["id"].to_pylist()]
     assert_exactly_once(table, markers(output), [p.name for p in output.glob("*.parquet")], expected)
     assert table["label"].null_count == 0
+    assert shards.Output(str(output)).markers() == (marker_files(output), 0)  # the finishing run indexed every marker
 
 
 def test_inference_actor_killed_mid_job(head, slow_classifier, corpus_dir, fault_corpus, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline import InputError, Options, TaskOptions, run, runner, shards, storage
 from pipeline.tasks import make_task
+from tests.conftest import marker_files
 from tests.pipeline import reference
 
 ATOL = 1e-4
@@ -43,10 +44,12 @@ def test_reruns_process_only_new_and_changed_shards(ray_session, classify, check
     assert (first.shards, first.shards_run, first.shards_reused, first.rows) == (3, 3, 0, 30)
     files = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert len(files) == 3  # one result file per input shard
+    index = out / "_manifest" / shards.INDEX
+    indexed_at = index.stat().st_mtime_ns
 
     again = run(str(inp), str(out), classify)  # nothing new: a no-op that rewrites nothing
     assert (again.shards_run, again.shards_reused, again.rows, again.rows_run) == (0, 3, 30, 0)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == files
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == files and index.stat().st_mtime_ns == indexed_at
 
     write(inp, "part-0.parquet", range(10), reviews[100:110])  # rewritten shard, same ids
     write(inp, "part-3.parquet", range(30, 40), reviews[30:40])  # new shard
@@ -59,10 +62,33 @@ def test_reruns_process_only_new_and_changed_shards(ray_session, classify, check
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     np.testing.assert_allclose(np.stack(table["probs"].to_numpy(zero_copy_only=False)), probs, atol=ATOL)
     assert json.loads((out / "_summary.json").read_text()) == third.to_dict()
+    assert shards.Output(str(out)).markers() == (marker_files(out), 0)  # the third run indexed the markers it wrote
+    (out / "_manifest" / shards.INDEX).unlink()  # as an output written before the index existed
+    assert run(str(inp), str(out), classify).shards_run == 0  # fetches every marker, commits nothing, indexes them
+    assert shards.Output(str(out)).markers() == (marker_files(out), 0)
     stat = (inp / "part-1.parquet").stat()  # rewritten in place with the same size: the version (mtime) tells
     os.utime(inp / "part-1.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert (run(str(inp), str(out), classify).shards_run, (inp / "part-1.parquet").stat().st_size) == (1, stat.st_size)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("_")) == ["_manifest", "_summary.json"]
+
+
+def test_a_run_that_cannot_write_the_index_still_succeeds(ray_session, classify, reviews, tmp_path, monkeypatch):
+    """The index is only a cache: failing to write it (after every commit) warns, and the job's
+    results and summary stand; the next run reads the markers one by one and indexes them."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write(inp, "part-0.parquet", range(4), reviews[:4])
+
+    def storage_down(self, markers):
+        raise ConnectionError("storage unreachable")  # an OSError, as s3fs raises them
+
+    monkeypatch.setattr(shards.Output, "write_index", storage_down)
+    with pytest.warns(RuntimeWarning, match=r"could not write the commit markers' index in .*out \(storage unreachable\)"):
+        first = run(str(inp), str(out), classify)
+    monkeypatch.undo()
+    assert first.rows == 4 and json.loads((out / "_summary.json").read_text()) == first.to_dict()
+    assert not (out / "_manifest" / shards.INDEX).exists()
+    assert run(str(inp), str(out), classify).shards_reused == 1
+    assert shards.Output(str(out)).markers() == (marker_files(out), 0)
 
 
 def test_other_model_or_settings_are_refused_never_mixed(ray_session, classify, reviews, tmp_path):
@@ -178,7 +204,7 @@ def test_a_new_shard_must_give_the_outputs_columns_their_types(ray_session, clas
     pq.write_table(pa.table({"text": reviews[3:5], "source": [4.0, 5.0]}), inp / "b.parquet")  # no id: a derived one, uint64
     with pytest.raises(InputError, match=r"b.parquet has no id column, so its ids would be derived, but the results already .* hold the input's own ids"):
         run(str(inp), str(out), keep)
-    for marker in (out / "_manifest").iterdir():  # as markers written before they recorded derived_id: the types tell
+    for marker in (out / "_manifest").glob("*.json"):  # as markers written before they recorded derived_id: the types tell
         marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "derived_id"}))
     with pytest.raises(InputError, match=r"column 'id' has type uint64 \(derived: the input has no id column\), but .* int64"):
         run(str(inp), str(out), keep)
@@ -262,8 +288,7 @@ def test_messy_rows_are_processed_counted_or_failed_alone(ray_session, classify,
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     got = np.stack([p for p in table["probs"].to_numpy(zero_copy_only=False) if p is not None])
     np.testing.assert_allclose(got, probs, atol=ATOL)
-    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_manifest").glob("*.json")]
-    assert sorted(m["counts"]["rows"] for m in markers) == [0, 2, 6]  # the empty shard is committed too
+    assert sorted(m["counts"]["rows"] for m in marker_files(tmp_path / "out").values()) == [0, 2, 6]  # the empty shard is committed too
 
 
 def test_ids_and_values_never_choose_paths(ray_session, classify, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import InputError, JobInterrupted, Options
+from pipeline import InputError, JobInterrupted, Options, shards
 from tests.conftest import assert_exactly_once
 
 BUCKET = "rayberta-test"
@@ -180,17 +180,28 @@ def test_python_api_reads_s3_with_storage_options(first_run, checkpoints, arrow_
     assert got["id"].tolist() == job["id"].to_pylist() and got["label"].tolist() == job["label"].to_pylist()
 
 
-def test_s3_rerun_resumes_and_overwrite_replaces(first_run, checkpoints, arrow_s3, s3_input, storage_options):
+def test_s3_rerun_resumes_and_overwrite_replaces(first_run, checkpoints, arrow_s3, s3_input, storage_options, s3):
     options = Options(task="classify", model=str(checkpoints["classifier"]))
     listing = lambda: {i.path: i.mtime for i in arrow_s3.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))}  # noqa: E731
     before = listing()
     assert sum(p.endswith(".parquet") for p in before) == SHARDS  # one result object per input shard
-    assert sum(p.startswith(f"{BUCKET}/out/_manifest/") for p in before) == SHARDS
+    assert sum(p.startswith(f"{BUCKET}/out/_manifest/") and p.endswith(".json") for p in before) == SHARDS
+    # The first run indexed its markers with the ETags of its PUTs: a rerun reads them in one GET.
+    out = shards.Output(f"s3://{BUCKET}/out/", storage_options)
+    assert out.markers() == ({m["key"]: m for m in markers(s3, "out")}, 0)
 
     again = pipeline.run(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/out/", options, storage_options=storage_options)
     assert (again.shards_run, again.shards_reused, again.rows) == (0, SHARDS, s3_input.num_rows)
     after = listing()
     assert {p: t for p, t in after.items() if not p.endswith("_summary.json")} == {p: t for p, t in before.items() if not p.endswith("_summary.json")}
+
+    # A marker rewritten by another process (a run killed before writing the index): its ETag
+    # changed, so it is fetched, also by this process, whose s3fs had listed the markers before.
+    path = s3.glob(f"{BUCKET}/out/_manifest/*.json")[0]
+    s3.pipe_file(path, json.dumps({**json.loads(s3.cat_file(path)), "committed_at": 0.0}).encode())
+    rewritten, fetched = out.markers()
+    assert rewritten == {m["key"]: m for m in markers(s3, "out")} and fetched == 1
+    assert [m["committed_at"] for m in rewritten.values()].count(0.0) == 1
 
     summary = pipeline.run(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/out/", options, overwrite=True, storage_options=storage_options)
     out = read_output(arrow_s3, "out")
@@ -248,7 +259,7 @@ def _call(fn):
         return e
 
 
-def test_credentials_never_reach_logs_reports_or_errors(ray_session, s3, s3_endpoint, s3_input, checkpoints, capfd):
+def test_credentials_never_reach_logs_reports_or_errors(ray_session, s3, s3_endpoint, s3_input, checkpoints, capfd, arrow_s3):
     secret = f"rb-fake-secret-{uuid.uuid4().hex}"  # moto accepts any key pair
     options = {"endpoint_url": s3_endpoint, "key": "AKIAFAKEFAKEFAKE", "secret": secret, "client_kwargs": {"region_name": REGION}}
     classify = Options(task="classify", model=str(checkpoints["classifier"]))
@@ -265,8 +276,10 @@ def test_credentials_never_reach_logs_reports_or_errors(ray_session, s3, s3_endp
         errors.append(e)
     assert len(errors) == 2
 
-    written = [s3.cat_file(p) for p in s3.find(f"{BUCKET}/secret-out/") if not p.endswith(".parquet")]
+    written = {p: s3.cat_file(p) for p in s3.find(f"{BUCKET}/secret-out/") if not p.endswith(".parquet")}
+    index = written.pop(f"{BUCKET}/secret-out/_manifest/{shards.INDEX}")  # zstd-compressed: read, not grepped
     assert len(written) == 1 + SHARDS  # the summary and the markers
+    written = [*written.values(), *(m.encode() for m in pa.ipc.open_file(index).read_all()["marker"].to_pylist())]
     captured = capfd.readouterr()
     logs = [p.read_bytes() for p in Path(ray_session._private.worker._global_node.get_session_dir_path()).rglob("*")
             if p.is_file() and p.stat().st_size < 50 * 2**20]  # fmt: skip

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import shards
 from pipeline.storage import Shard
+from tests.conftest import marker_files
 
 
 def piece_table(ids, error=None):
@@ -68,7 +69,7 @@ def test_commit_merges_pieces_atomically_and_writes_the_marker(tmp_path):
     assert json.loads((tmp_path / "out" / "_manifest" / f"{marker['key']}.json").read_text()) == marker
     assert not any(os.path.exists(p) for p in pieces)
     assert [p.name for p in (tmp_path / "out").glob("*.parquet")] == [marker["output"]]  # no temporary left
-    assert out.markers() == {marker["key"]: marker}
+    assert out.markers() == ({marker["key"]: marker}, 1)
 
     empty = commit(out, Shard("/in/empty.parquet", 10, "v"), [])
     assert empty["output"] is None and empty["counts"]["rows"] == 0
@@ -103,7 +104,7 @@ def test_a_commit_killed_over_an_older_result_leaves_the_shard_unfinished(tmp_pa
     out_dir = tmp_path / "out"
     out = shards.Output(str(out_dir))
     old = commit(out, Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]))
-    assert out.markers() == {old["key"]: old}
+    assert out.markers() == ({old["key"]: old}, 1)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -112,7 +113,7 @@ def test_a_commit_killed_over_an_older_result_leaves_the_shard_unfinished(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         commit(out, Shard("/in/p.parquet", 20, "v2"), stage(out_dir, [7, 8, 9]))
     monkeypatch.undo()
-    assert out.markers() == {}  # the old marker went first
+    assert out.markers() == ({}, 0)  # the old marker went first
     ids = pq.read_table(out_dir / old["output"])["id"].to_pylist()
     assert ids == ([1, 2] if killed_at == "move" else [7, 8, 9])
     assert out.clean({}, out.entries()) == [old["output"]] and not list(out_dir.glob("*.parquet"))
@@ -124,7 +125,74 @@ def test_an_empty_shard_replaces_an_older_result(tmp_path):
     commit(out, Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]))
     emptied = commit(out, Shard("/in/p.parquet", 5, "v2"), [])
     assert emptied["output"] is None and not list(out_dir.glob("*.parquet"))
-    assert out.markers() == {emptied["key"]: emptied}
+    assert out.markers() == ({emptied["key"]: emptied}, 1)
+
+
+def test_markers_come_from_the_index_unless_their_file_changed(tmp_path):
+    """`write_index` records the markers with the stamps of their files as this process read or
+    wrote them; a later run (another Output: no shared state) takes each marker whose file still
+    has that stamp from the index and fetches the rest. The listing says which exist."""
+    out_dir = tmp_path / "out"
+    out = shards.Output(str(out_dir))
+    for i in range(3):
+        commit(out, Shard(f"/in/p{i}.parquet", 10, "v1"), stage(out_dir, [i, i + 10]))
+    later_run = lambda: shards.Output(str(out_dir)).markers()  # noqa: E731
+    markers, fetched = later_run()
+    assert markers == marker_files(out_dir) and fetched == 3  # no index yet
+    out.write_index(markers)  # the stamps of its own writes
+    assert later_run() == (marker_files(out_dir), 0)
+
+    # A later run rewrites p0's marker and stops before writing the index; p3 is new; p1's marker is deleted.
+    commit(shards.Output(str(out_dir)), Shard("/in/p0.parquet", 20, "v2"), stage(out_dir, [7, 8, 9]))
+    commit(shards.Output(str(out_dir)), Shard("/in/p3.parquet", 10, "v1"), [])
+    (out_dir / "_manifest" / f"{shards.shard_key('/in/p1.parquet')}.json").unlink()
+    reader = shards.Output(str(out_dir))
+    markers, fetched = reader.markers()
+    assert markers == marker_files(out_dir) and fetched == 2 and len(markers) == 3
+    assert markers[shards.shard_key("/in/p0.parquet")]["size"] == 20
+    reader.write_index(markers)  # the stamps it read: two listed and fetched, one from the index
+    assert later_run() == (marker_files(out_dir), 0)
+
+    # Replaced by hand with the same size and the old mtime kept (`cp -p`): another file, so fetched.
+    p2 = out_dir / "_manifest" / f"{shards.shard_key('/in/p2.parquet')}.json"
+    copy = p2.with_suffix(".copy")
+    copy.write_text(p2.read_text().replace('"v1"', '"v9"'))
+    os.utime(copy, ns=(p2.stat().st_atime_ns, p2.stat().st_mtime_ns))
+    copy.replace(p2)
+    markers, fetched = later_run()
+    assert markers == marker_files(out_dir) and fetched == 1 and markers[shards.shard_key("/in/p2.parquet")]["version"] == "v9"
+
+
+def test_an_index_never_pairs_a_marker_with_a_later_rewrite_of_its_file(tmp_path):
+    """Job A lost its lease (stalled past its expiry) and job B took over and rewrote a marker
+    after A's commit: A's index still holds A's marker with A's stamp, which B's file does not
+    have, so the next run fetches B's. (A stamp from a listing taken when A writes the index
+    would pair A's marker with B's file.)"""
+    out_dir = tmp_path / "out"
+    job_a, job_b = shards.Output(str(out_dir)), shards.Output(str(out_dir))
+    a = commit(job_a, Shard("/in/p.parquet", 10, "v1"), stage(out_dir, [1, 2]))
+    b = commit(job_b, Shard("/in/p.parquet", 10, "v2"), stage(out_dir, [1, 2]))
+    job_a.write_index({a["key"]: a})
+    assert shards.Output(str(out_dir)).markers() == ({b["key"]: b}, 1)
+
+
+def test_a_damaged_index_is_only_a_cache_miss(tmp_path):
+    out_dir = tmp_path / "out"
+    out = shards.Output(str(out_dir))
+    for i in range(2):
+        commit(out, Shard(f"/in/p{i}.parquet", 10, "v1"), [])
+    markers, _ = out.markers()
+    out.write_index(markers)
+    index = out_dir / "_manifest" / shards.INDEX
+    table = pa.ipc.open_file(index.read_bytes()).read_all()
+    for damaged in (b"not arrow", pa.table({"file": table["file"], "stamp": table["stamp"], "marker": ["{", "[]"]})):
+        if isinstance(damaged, pa.Table):  # parses as Arrow, but its markers do not as markers
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, damaged.schema) as writer:
+                writer.write_table(damaged)
+            damaged = sink.getvalue().to_pybytes()
+        index.write_bytes(damaged)
+        assert shards.Output(str(out_dir)).markers() == (marker_files(out_dir), 2)
 
 
 def test_clean_deletes_abandoned_results_and_staging_only(tmp_path):
