@@ -463,12 +463,11 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             check_same_job(marker, job, output)
         listed = {shards.shard_key(s.path) for s in inputs}
         stale = sorted(m["input"] for m in markers.values() if m["key"] not in listed)
-        if prune:  # the marker first: a kill in between leaves a file without one, which `clean` deletes
-            for key in [k for k in markers if k not in listed]:
-                pruned = markers.pop(key)
-                out.remove(out.join(shards.MANIFEST, f"{key}.json"))
-                if pruned["output"]:
-                    out.remove(out.join(pruned["output"]))
+        if prune:
+            pruned = [markers.pop(k) for k in [k for k in markers if k not in listed]]
+            out.remove_all([out.join(shards.MANIFEST, f"{m['key']}.json") for m in pruned])
+            # The markers first: a kill in between leaves files without one, which `clean` deletes.
+            out.remove_all([out.join(m["output"]) for m in pruned if m["output"]])
         entries = out.entries()
         present = set(entries)
         finished = {m["key"]: m for m in markers.values() if m["output"] is None or m["output"] in present}
@@ -620,10 +619,8 @@ def run_shards(fs, footers: dict[Shard, Footer], derive_id: bool, out: shards.Ou
     merge = ray.remote(num_cpus=0.25, retry_exceptions=[OSError])(shards.merge)
 
     def commit(shard: Shard, pieces: list[str], counts: list[dict]) -> dict:
-        total = {k: sum(c[k] for c in counts) for k in shards.COUNTS}  # the pieces' (`write_pieces`)
-        staged = pieces[0] if pieces else None  # one piece is the result file; an empty shard has none
-        if len(pieces) > 1:
-            staged, total["duplicate_ids"] = ray.get(merge.remote(out.uri, storage_options, shard.path, pieces, options.id_column))
+        staged, total = shards.stage_result(
+            pieces, counts, lambda several: ray.get(merge.remote(out.uri, storage_options, shard.path, several, options.id_column)))
         lease.check()  # after the merge's wait: another job may have taken the output meanwhile
         return out.commit(shard, pieces, staged, total, marker)
 

@@ -50,6 +50,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,6 +63,7 @@ MANIFEST, STAGING, LOCK = "_manifest", "_staging", "_lock.json"
 # In MANIFEST, beside the markers. Arrow, not Parquet: a reader globbing OUTPUT/**/*.parquet must
 # not take it for results.
 INDEX = "_index.arrow"
+REMOVE_THREADS = 32  # deletes in flight at once (`Output.remove_all`)
 # A shard's counts, in its marker (a run's summary adds them up).
 COUNTS = ("rows", "tokens", "truncated_rows", "empty_texts", "failed_rows", "null_ids", "duplicate_ids")
 OWN_ENTRIES = {MANIFEST, STAGING, LOCK, storage.SUMMARY_FILE}
@@ -124,17 +126,26 @@ class Output:
         return posixpath.join(self.path, *parts)
 
     def entries(self) -> list[str]:
-        if not self.fs.exists(self.path):
+        """The output's top-level names, listed afresh: s3fs would answer from a listing it cached
+        earlier, and other processes write here. A run lists them once, under the lease (on S3 an
+        output of N shards takes N / 1,000 requests)."""
+        try:
+            listed = self.fs.ls(self.path, detail=False, refresh=True)
+        except FileNotFoundError:
             return []
-        return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)]
+        return [posixpath.basename(p.rstrip("/")) for p in listed]
 
     def check_ours(self, overwrite: bool) -> None:
-        """Refuse to write into a location holding anything but results of this pipeline."""
+        """Refuse to write into a location holding anything but results of this pipeline. One with
+        a _manifest is ours and not listed here (it may hold many results)."""
         if self.fs.isfile(self.path):
             raise FileExistsError(f"output {self.uri} is a file; --output names a directory (or an s3:// prefix)")
+        self.fs.invalidate_cache(self.join(MANIFEST))  # s3fs would answer from a listing cached by an earlier run
+        if self.fs.exists(self.join(MANIFEST)):
+            return
         entries = self.entries()
         foreign = [e for e in entries if e not in OWN_ENTRIES and not e.startswith(LOCK)]  # also a lease's aside copy
-        if foreign and MANIFEST not in entries and not overwrite:
+        if foreign and not overwrite:
             raise FileExistsError(f"output {self.uri} already holds results ({len(foreign)} entries, e.g. {foreign[0]!r}) "
                                   "that this pipeline did not write; choose a new --output or pass --overwrite to replace them")  # fmt: skip
 
@@ -172,6 +183,12 @@ class Output:
             self.fs.rm_file(path)
         except FileNotFoundError:
             pass
+
+    def remove_all(self, paths: list[str]) -> None:
+        """`remove` each path, 32 at a time: on S3 each is a request, and --prune may delete
+        thousands. (Not s3fs's bulk `rm`, which reports no error.)"""
+        with ThreadPoolExecutor(REMOVE_THREADS) as pool:
+            list(pool.map(self.remove, paths))
 
     def move(self, source: str, target: str) -> None:
         """The commit point of a result file: it appears whole, replacing an older one whole. Locally
@@ -257,9 +274,16 @@ class Output:
         return abandoned
 
     def drop_staging(self, entries: list[str] | None = None) -> None:
-        """Delete the staged pieces; `entries`: the output's listing when the caller has it."""
-        if STAGING in (self.entries() if entries is None else entries):
-            self.fs.rm(self.join(STAGING), recursive=True)
+        """Delete the staged pieces; `entries`: the output's listing when the caller has it, else
+        one small request finds out (not a listing of the whole output)."""
+        staging = self.join(STAGING)
+        if entries is None:
+            self.fs.invalidate_cache(staging)  # workers wrote there: s3fs's cached listings do not know
+            present = self.fs.exists(staging)
+        else:
+            present = STAGING in entries
+        if present:
+            self.fs.rm(staging, recursive=True)
 
     def commit(self, shard: Shard, pieces: list[str], staged: str | None, counts: dict, marker: dict) -> dict:
         """Put a shard's result file (`staged`, from `merge`; None for an empty shard) in place
@@ -334,6 +358,17 @@ def merge(output: str, storage_options: dict | None, shard_path: str, pieces: li
         if writer is not None:
             writer.close()
     return target, duplicate_ids(pa.chunked_array(ids))
+
+
+def stage_result(pieces: list[str], counts: list[dict], merge) -> tuple[str | None, dict]:
+    """A shard's staged result file and counts, from its pieces and their counts (`write_pieces`):
+    several pieces are merged by `merge(pieces) -> (staged file, duplicate ids)` (`merge`, run as
+    a Ray task by the runner), one piece is the result file as it is, an empty shard has none."""
+    total = {k: sum(c[k] for c in counts) for k in COUNTS}
+    staged = pieces[0] if pieces else None
+    if len(pieces) > 1:
+        staged, total["duplicate_ids"] = merge(pieces)  # they may repeat across pieces too
+    return staged, total
 
 
 def write_pieces(batch: pa.Table, output: str, storage_options: dict | None, run: str, path_column: str,

@@ -39,13 +39,10 @@ def test_write_pieces_splits_a_block_by_shard_and_names_files_by_shard_only(tmp_
 
 
 def commit(out: shards.Output, shard: Shard, pieces: list[str]) -> dict:
-    """What the runner does: the counts `write_pieces` gives each piece, summed; several pieces
-    merged (a Ray task there), with the duplicate ids across them; one piece is the result file."""
+    """What the runner does, with the merge in this process (a Ray task there): each piece's
+    counts as `write_pieces` gives them, then `stage_result` and the commit."""
     counts = [shards.counts_of(pq.read_table(p), "id", special_tokens=2) for p in pieces]
-    total = {k: sum(c[k] for c in counts) for k in shards.COUNTS}
-    staged = pieces[0] if pieces else None
-    if len(pieces) > 1:
-        staged, total["duplicate_ids"] = shards.merge(out.uri, None, shard.path, pieces, id_column="id")
+    staged, total = shards.stage_result(pieces, counts, lambda several: shards.merge(out.uri, None, shard.path, several, "id"))
     return out.commit(shard, pieces, staged, total, {"model": "m", "settings": {}})
 
 
@@ -193,6 +190,19 @@ def test_a_damaged_index_is_only_a_cache_miss(tmp_path):
             damaged = sink.getvalue().to_pybytes()
         index.write_bytes(damaged)
         assert shards.Output(str(out_dir)).markers() == (marker_files(out_dir), 2)
+
+
+def test_remove_all_deletes_what_is_there_and_reports_other_errors(tmp_path):
+    files = [tmp_path / f"{i}.json" for i in range(40)]
+    for f in files[:30]:
+        f.write_text("{}")
+    out = shards.Output(str(tmp_path))
+    out.remove_all([str(f) for f in files])  # 10 of them were never there
+    assert not list(tmp_path.glob("*.json"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "x").write_text("")
+    with pytest.raises(OSError):
+        out.remove_all([str(tmp_path / "folder")])  # not a file: a real error, not swallowed
 
 
 def test_clean_deletes_abandoned_results_and_staging_only(tmp_path):
