@@ -463,11 +463,7 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             check_same_job(marker, job, output)
         listed = {shards.shard_key(s.path) for s in inputs}
         stale = sorted(m["input"] for m in markers.values() if m["key"] not in listed)
-        if prune:
-            pruned = [markers.pop(k) for k in [k for k in markers if k not in listed]]
-            out.remove_all([out.join(shards.MANIFEST, f"{m['key']}.json") for m in pruned])
-            # The markers first: a kill in between leaves files without one, which `clean` deletes.
-            out.remove_all([out.join(m["output"]) for m in pruned if m["output"]])
+        pruned = [markers.pop(k) for k in [k for k in markers if k not in listed]] if prune else []  # deleted below
         entries = out.entries()
         present = set(entries)
         finished = {m["key"]: m for m in markers.values() if m["output"] is None or m["output"] in present}
@@ -481,8 +477,13 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             redone = {shards.shard_key(s.path) for s in footers}
             check_results_schema(out, [m for k, m in finished.items() if k not in redone], todo, derive_id, options)
         if overwrite:  # only once the input has passed its checks
-            out.clear()
+            out.clear(entries)
             entries = []
+        elif pruned:  # likewise; the markers first: a kill in between leaves files without one, which `clean` deletes
+            out.remove_all([out.join(shards.MANIFEST, f"{m['key']}.json") for m in pruned])
+            gone = {m["output"] for m in pruned if m["output"]}
+            out.remove_all([out.join(name) for name in gone])
+            entries = [e for e in entries if e not in gone]
         abandoned = out.clean(markers, entries)
         start = time.perf_counter()
         plan = start - planning

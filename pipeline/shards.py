@@ -127,31 +127,36 @@ class Output:
 
     def entries(self) -> list[str]:
         """The output's top-level names, listed afresh: s3fs would answer from a listing it cached
-        earlier, and other processes write here. A run lists them once, under the lease (on S3 an
+        earlier, and other processes write here. A rerun lists them once, under the lease (on S3 an
         output of N shards takes N / 1,000 requests)."""
-        try:
-            listed = self.fs.ls(self.path, detail=False, refresh=True)
-        except FileNotFoundError:
+        self.fs.invalidate_cache(self.path)
+        if not self.fs.exists(self.path):  # first: s3fs's `ls` of a missing prefix lists its parent
             return []
-        return [posixpath.basename(p.rstrip("/")) for p in listed]
+        top = self.path.rstrip("/")
+        # An S3 console's folder placeholder (an empty object `out/`) lists as the folder itself.
+        return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False) if p.rstrip("/") != top]
 
     def check_ours(self, overwrite: bool) -> None:
         """Refuse to write into a location holding anything but results of this pipeline. One with
         a _manifest is ours and not listed here (it may hold many results)."""
         if self.fs.isfile(self.path):
             raise FileExistsError(f"output {self.uri} is a file; --output names a directory (or an s3:// prefix)")
-        self.fs.invalidate_cache(self.join(MANIFEST))  # s3fs would answer from a listing cached by an earlier run
-        if self.fs.exists(self.join(MANIFEST)):
-            return
+        manifest = self.join(MANIFEST)
+        self.fs.invalidate_cache(manifest)  # s3fs would answer from a listing cached by an earlier run
+        try:  # a folder (a prefix on S3: one small request, not a listing of the markers)
+            if self.fs.info(manifest)["type"] == "directory":
+                return
+        except FileNotFoundError:
+            pass
         entries = self.entries()
         foreign = [e for e in entries if e not in OWN_ENTRIES and not e.startswith(LOCK)]  # also a lease's aside copy
         if foreign and not overwrite:
             raise FileExistsError(f"output {self.uri} already holds results ({len(foreign)} entries, e.g. {foreign[0]!r}) "
                                   "that this pipeline did not write; choose a new --output or pass --overwrite to replace them")  # fmt: skip
 
-    def clear(self) -> None:
-        """--overwrite: delete everything but the lease this job holds."""
-        for entry in self.entries():
+    def clear(self, entries: list[str]) -> None:
+        """--overwrite: delete everything but the lease this job holds. `entries`: the output's listing."""
+        for entry in entries:
             if entry != LOCK:
                 self.fs.rm(self.join(entry), recursive=True)
 

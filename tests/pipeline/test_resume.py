@@ -332,6 +332,12 @@ def test_inputs_gone_since_stay_listed_as_stale_or_are_pruned(ray_session, class
     kept = run(str(inp), str(out), classify)  # the deleted shard's failed row counts, but fails no later run
     assert (kept.shards, kept.shards_run, kept.shards_reused, kept.rows, kept.duplicate_ids, kept.failed_rows) == (2, 1, 1, 40, 10, 1)
     assert (kept.stale_shards, kept.pruned_shards) == (gone, [])
+    before = sorted(p.name for p in out.rglob("*") if p.name != "_summary.json")
+    pq.write_table(pa.table({"id": [99]}), inp / "broken.parquet")  # no text column: the input fails its checks
+    with pytest.raises(InputError, match="broken.parquet"):
+        run(str(inp), str(out), classify, prune=True)
+    assert sorted(p.name for p in out.rglob("*") if p.name != "_summary.json") == before  # nothing pruned, as --overwrite
+    (inp / "broken.parquet").unlink()
     pruned = run(str(inp), str(out), classify, prune=True)
     assert (pruned.shards_run, pruned.rows, pruned.duplicate_ids, pruned.stale_shards, pruned.pruned_shards) == (0, 20, 0, [], gone)
     assert pruned.abandoned_files == []  # deleted as pruned, not found abandoned

@@ -213,6 +213,24 @@ def test_s3_rerun_resumes_and_overwrite_replaces(first_run, checkpoints, arrow_s
     assert sorted(out["id"].to_pylist()) == sorted(s3_input["id"].to_pylist())
 
 
+def test_output_checks_on_s3_prefixes(s3, storage_options):
+    """What S3 calls folders are prefixes: a missing one is an empty output, a console's folder
+    placeholder (an empty object `out/`) is no entry, and an object named `_manifest` does not
+    make a prefix ours (only markers under `_manifest/` do)."""
+    output = lambda name: shards.Output(f"s3://{BUCKET}/checks/{name}/", storage_options)  # noqa: E731
+    assert output("missing").entries() == []
+    output("missing").check_ours(overwrite=False)
+    s3.pipe_file(f"{BUCKET}/checks/placeholder/", b"")
+    assert output("placeholder").entries() == []
+    output("placeholder").check_ours(overwrite=False)
+    s3.pipe({f"{BUCKET}/checks/theirs/_manifest": b"x", f"{BUCKET}/checks/theirs/data.parquet": b"x"})
+    with pytest.raises(FileExistsError, match="already holds results"):
+        output("theirs").check_ours(overwrite=False)
+    s3.pipe({f"{BUCKET}/checks/ours/_manifest/k.json": b"{}", f"{BUCKET}/checks/ours/r.parquet": b"x"})
+    output("ours").check_ours(overwrite=False)
+    assert sorted(output("ours").entries()) == ["_manifest", "r.parquet"]
+
+
 def markers(s3, prefix: str) -> list[dict]:
     s3.invalidate_cache()
     return [json.loads(s3.cat_file(p)) for p in s3.glob(f"{BUCKET}/{prefix}/_manifest/*.json")]

@@ -225,6 +225,12 @@ def test_foreign_output_is_refused_and_kept(tmp_path):
     assert (tmp_path / "out" / "theirs.csv").read_text() == "a,b"
     shards.Output(str(tmp_path / "out")).check_ours(overwrite=True)
     shards.Output(str(tmp_path / "new")).check_ours(overwrite=False)  # nothing there yet
+    (tmp_path / "out" / "_manifest").write_text("theirs too")  # a file so named does not make the folder ours
+    with pytest.raises(FileExistsError, match="already holds results"):
+        shards.Output(str(tmp_path / "out")).check_ours(overwrite=False)
+    (tmp_path / "out" / "_manifest").unlink()
+    (tmp_path / "out" / "_manifest").mkdir()  # ours: not listed (an output may hold many results)
+    shards.Output(str(tmp_path / "out")).check_ours(overwrite=False)
 
 
 def dead_pid() -> int:
