@@ -495,11 +495,10 @@ def run(input: str | list[str], output: str, options: Options, overwrite: bool =
             new = run_shards(fs, footers, derive_id, out, options, {**job, "run": lease.run, "derived_id": derive_id}, lease, storage_options,
                              max_failed_fraction, specials)  # fmt: skip
             out.drop_staging()
-            committed = {m["key"]: m for m in new}
-            finished.update(committed)
-            if fetched or committed or pruned:  # the next run then reads the markers in one GET
+            finished.update({m["key"]: m for m in new})
+            if fetched or new or (prune and stale):  # the next run then reads the markers in one GET
                 try:
-                    out.write_index({**markers, **committed})
+                    out.write_index({**markers, **{m["key"]: m for m in new}})
                 except OSError as e:  # only a cache, and an older index stays safe to use: the job is done
                     warnings.warn(f"could not write the commit markers' index in {output} ({e}); the next run "
                                   "reads the markers one by one", RuntimeWarning, stacklevel=2)  # fmt: skip

@@ -113,9 +113,7 @@ class Output:
 
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri
-        # Other processes (Ray workers, a job that took the lease over) write here: every listing
-        # is asked afresh, not answered from one fsspec cached earlier (s3fs keeps them).
-        self.fs, self.path = storage.filesystem(uri, {**(storage_options or {}), "use_listings_cache": False})
+        self.fs, self.path = storage.filesystem(uri, storage_options)
         if PATTERN_CHARACTERS.search(self.path):
             raise ValueError(f"output {uri}: a path with *, ?, [ or ] is not supported; choose another name")
         self.arrow_fs = storage.arrow_filesystem(self.fs)
@@ -128,8 +126,10 @@ class Output:
         return posixpath.join(self.path, *parts)
 
     def entries(self) -> list[str]:
-        """The output's top-level names. A rerun lists them once, under the lease (on S3 an output
-        of N shards takes N / 1,000 requests)."""
+        """The output's top-level names, listed afresh: s3fs would answer from a listing it cached
+        earlier, and other processes write here. A rerun lists them once, under the lease (on S3 an
+        output of N shards takes N / 1,000 requests)."""
+        self.fs.invalidate_cache(self.path)
         if not self.fs.exists(self.path):  # first: s3fs's `ls` of a missing prefix lists its parent
             return []
         top = self.path.rstrip("/")
@@ -141,8 +141,10 @@ class Output:
         a _manifest is ours and not listed here (it may hold many results)."""
         if self.fs.isfile(self.path):
             raise FileExistsError(f"output {self.uri} is a file; --output names a directory (or an s3:// prefix)")
+        manifest = self.join(MANIFEST)
+        self.fs.invalidate_cache(manifest)  # s3fs would answer from a listing cached by an earlier run
         try:  # a folder (a prefix on S3: one small request, not a listing of the markers)
-            if self.fs.info(self.join(MANIFEST))["type"] == "directory":
+            if self.fs.info(manifest)["type"] == "directory":
                 return
         except FileNotFoundError:
             pass
@@ -207,6 +209,7 @@ class Output:
         markers exist; each one whose file has the stamp the index recorded (`write_index`) comes
         from the index, read in one GET, and the others (new since, rewritten by a run that stopped
         before writing the index, edited by hand) are fetched, one concurrent GET each."""
+        self.fs.invalidate_cache(self.join(MANIFEST))  # s3fs keeps listings: another process may have written since
         listed = self.fs.glob(self.join(MANIFEST, "*.json"), detail=True)  # {path: info}
         indexed = self.read_index()
         markers, fetch = {}, {}
@@ -279,7 +282,12 @@ class Output:
         """Delete the staged pieces; `entries`: the output's listing when the caller has it, else
         one small request finds out (not a listing of the whole output)."""
         staging = self.join(STAGING)
-        if (STAGING in entries) if entries is not None else self.fs.exists(staging):
+        if entries is None:
+            self.fs.invalidate_cache(staging)  # workers wrote there: s3fs's cached listings do not know
+            present = self.fs.exists(staging)
+        else:
+            present = STAGING in entries
+        if present:
             self.fs.rm(staging, recursive=True)
 
     def commit(self, shard: Shard, pieces: list[str], staged: str | None, counts: dict, marker: dict) -> dict:
